@@ -44,7 +44,9 @@ def wavelet_blur(image: torch.Tensor, radius: int) -> torch.Tensor:
     return F.conv2d(padded, kernel, groups=channels, dilation=radius)
 
 
-def wavelet_decomposition(image: torch.Tensor, radii: tuple[int, ...] = WAVELET_RADII) -> tuple[torch.Tensor, torch.Tensor]:
+def wavelet_decomposition(
+    image: torch.Tensor, radii: tuple[int, ...] = WAVELET_RADII
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(high, low) with high = Σ_r (img_r − blur(img_r, r)) and low the last blur; high + low = image."""
     high = torch.zeros_like(image)
     for radius in radii:

@@ -29,7 +29,7 @@ import torch
 
 from supir_rt.schedule import OFFICIAL_SIGMA_MAX, legacy_ddpm_sigmas, sigma_to_index
 
-Network = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], "float | torch.Tensor"], torch.Tensor]
+Network = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], float | torch.Tensor], torch.Tensor]
 """``network(x_in, t, cond, control_scale) -> eps``: x_in is the c_in-scaled latent (B, 4, h, w), t the
 integer DDPM timestep (B,) int64, cond holds ``crossattn`` (B, 77, 2048), ``vector`` (B, 2816) and
 ``control`` (B, 4, h, w); control_scale is a float or a 0-dim tensor."""
@@ -89,7 +89,11 @@ class EpsDenoiser:
         return sigma_q, c_in, t
 
     def __call__(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], control_scale: float | torch.Tensor
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Mapping[str, torch.Tensor],
+        control_scale: float | torch.Tensor,
     ) -> torch.Tensor:
         sigma = per_sample(sigma, x.shape[0], x)
         sigma_q, c_in, t = self.scalings(sigma)

@@ -78,7 +78,9 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     if n < 1:
         raise ValueError(f"number of steps n={n} must be >= 1")
     if not 0 < sigma_min <= sigma_max:
-        raise ValueError(f"need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        raise ValueError(
+            f"need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"
+        )
     ramp = torch.linspace(0, 1, n)
     max_inv_rho = sigma_max ** (1 / rho)
     min_inv_rho = sigma_min ** (1 / rho)

@@ -1,0 +1,179 @@
+"""SUPIR's samplers as pure functions over a `Denoiser` (reference doc §5, paper Algorithm 1).
+
+* `sample_restore_edm`: sgm/SUPIR `RestoreEDMSampler`, i.e. EDM Euler sampling with churn (Karras et
+  al. 2022, Alg. 2 without the Heun correction) plus SUPIR's restoration guidance (paper Algorithm 1).
+* `sample_dpmpp_2m_sde`: SUPIR `RestoreDPMPP2MSampler` (lightning config), DPM++ 2M SDE with η = 1.
+
+The caller builds the σ schedule (`supir_rt.schedule`), the denoiser stack (`supir_rt.denoiser`) and the
+initial latent (`initial_latent`), and passes a ``noise(x) -> ε`` function (``NoiseSource.randn_like``).
+Both samplers call ``denoise(x, sigma_hat, sigma)`` with (B,) tensors; see `supir_rt.denoiser` for why
+two σ are passed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from supir_rt.denoiser import Denoiser, ReportsScales, append_dims
+from supir_rt.schedule import OFFICIAL_SIGMA_MAX
+
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+"""``noise(x) -> ε``: a standard normal tensor like x (``NoiseSource.randn_like``)."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one sampler step did; passed to ``callback`` after the denoiser call and the guidance.
+
+    ``x`` is the latent the denoiser saw (after churn noise), ``denoised`` the D used for the update
+    (after restoration guidance). ``cfg_scale`` / ``control_scale`` are None when the denoiser does not
+    report them (`ReportsScales`); ``cfg_scale`` is that of the first sample.
+    """
+
+    index: int
+    total: int
+    sigma: float
+    sigma_next: float
+    sigma_hat: float
+    gamma: float
+    cfg_scale: float | None
+    control_scale: float | None
+    k_t: float
+    x: torch.Tensor
+    denoised: torch.Tensor
+
+
+def initial_latent(noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The sampler's starting point ``noise·√(1 + σ_0²)`` (×14.6488 for the legacy schedule), as sgm's
+    sampling-loop preparation does. Call it on ``noise.randn_like(z)`` before either sampler."""
+    return noise * torch.sqrt(1.0 + sigmas[0] ** 2.0)
+
+
+def _report(
+    callback: Callable[[StepInfo], None] | None, denoise: Denoiser, index: int, total: int,
+    sigma: torch.Tensor, sigma_next: torch.Tensor, sigma_hat: torch.Tensor, gamma: float, k_t: float,
+    x: torch.Tensor, denoised: torch.Tensor,
+) -> None:
+    if callback is None:
+        return
+    cfg_scale = control_scale = None
+    if isinstance(denoise, ReportsScales):
+        cfg, cs = denoise.scales(sigma_hat, sigma)
+        cfg_scale, control_scale = float(cfg.reshape(-1)[0]), float(cs)
+    callback(StepInfo(
+        index=index, total=total, sigma=float(sigma[0]), sigma_next=float(sigma_next), sigma_hat=float(sigma_hat[0]),
+        gamma=gamma, cfg_scale=cfg_scale, control_scale=control_scale, k_t=k_t, x=x, denoised=denoised,
+    ))
+
+
+def sample_restore_edm(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    x_center: torch.Tensor | None,
+    restore_cfg: float,
+    restore_cfg_s_tmin: float = 0.05,
+    s_churn: float,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float,
+    noise: NoiseFn,
+    restore_sigma_max: float = OFFICIAL_SIGMA_MAX,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> torch.Tensor:
+    """Restoration-guided EDM sampling, SUPIR `RestoreEDMSampler` (doc §5.2; paper Algorithm 1).
+
+    ``x`` is the initial latent already scaled by `initial_latent`; ``sigmas`` holds N+1 descending values
+    ending in 0 (`restore_sigmas`). For k = 0..N−1:
+
+    1. γ = min(s_churn/N, √2 − 1) if s_tmin ≤ σ_k ≤ s_tmax else 0; σ̂ = σ_k·(1 + γ);
+    2. if γ > 0: x ← x + s_noise·ε·√(σ̂² − σ_k²), one ``noise(x)`` draw;
+    3. D = denoise(x, σ̂, σ_k);
+    4. if σ_{k+1} > restore_cfg_s_tmin and restore_cfg > 0: D ← D − (D − x_center)·k_t with
+       k_t = (σ_k/14.6146)^restore_cfg (so never on the last step);
+    5. Euler: x ← x + (σ_{k+1} − σ̂)·(x − D)/σ̂, with the un-snapped σ̂. No Heun correction.
+
+    After the last step x is the final D. ``restore_cfg <= 0`` disables guidance and then ``x_center``
+    may be None.
+    """
+    if restore_cfg > 0 and x_center is None:
+        raise ValueError(f"restore_cfg={restore_cfg} > 0 needs x_center")
+    total = sigmas.shape[0] - 1
+    s_in = sigmas.new_ones(x.shape[0])  # (B,)
+    sigma_values = sigmas.tolist()  # python floats, for the branch decisions only
+    for k in range(total):
+        sigma, sigma_next = sigmas[k] * s_in, sigmas[k + 1]  # (B,), 0-dim
+        gamma = min(s_churn / total, 2**0.5 - 1) if s_tmin <= sigma_values[k] <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1.0)  # (B,)
+        if gamma > 0:
+            eps = noise(x) * s_noise
+            x = x + eps * append_dims(sigma_hat**2 - sigma**2, x.ndim) ** 0.5
+        denoised = denoise(x, sigma_hat, sigma)
+        k_t = 0.0
+        if sigma_values[k + 1] > restore_cfg_s_tmin and restore_cfg > 0:
+            weight = (sigma / restore_sigma_max) ** restore_cfg  # (B,)
+            denoised = denoised - (denoised - x_center) * append_dims(weight, x.ndim)
+            k_t = float(weight[0])
+        _report(callback, denoise, k, total, sigma, sigma_next, sigma_hat, gamma, k_t, x, denoised)
+        d = (x - denoised) / append_dims(sigma_hat, x.ndim)
+        x = x + append_dims(sigma_next - sigma_hat, x.ndim) * d
+    return x
+
+
+def sample_dpmpp_2m_sde(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    s_noise: float,
+    noise: NoiseFn,
+    eta: float = 1.0,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> torch.Tensor:
+    """DPM++ 2M SDE (Lu et al. 2022), as SUPIR `RestoreDPMPP2MSampler` uses it (doc §5.6).
+
+    ``sigmas`` is the Karras schedule of `dpmpp_sigmas`; ``x`` is scaled by `initial_latent`. Like the
+    official sampler this ignores ``x_center``, restoration guidance and churn; build the denoiser with a
+    constant `ControlScale` to match its missing linear control scale. Per step, with h = log(σ_k/σ_{k+1}):
+    x ← (σ_{k+1}/σ_k)·e^{−ηh}·x − expm1(−h−ηh)·D̃, where D̃ = D on the first step and
+    (1 + 1/(2r))·D − (1/(2r))·D_prev (r = h_prev/h) afterwards, plus s_noise·σ_{k+1}·√(−expm1(−2ηh))·ε from
+    the second step on. A step to σ = 0 returns D.
+
+    Deviation: the official sampler draws ε from k-diffusion's `BrownianTreeNoiseSampler` (torchsde),
+    seeded from the global RNG. Here ε is a plain Gaussian ``noise(x)`` draw per noised step, which has
+    the same distribution per step but is not seed-identical to the official output.
+    """
+    total = sigmas.shape[0] - 1
+    s_in = sigmas.new_ones(x.shape[0])
+    old_denoised: torch.Tensor | None = None
+    h_last: torch.Tensor | None = None
+    for k in range(total):
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        sigma_b = sigma * s_in  # (B,)
+        denoised = denoise(x, sigma_b, sigma_b)
+        _report(callback, denoise, k, total, sigma_b, sigma_next, sigma_b, 0.0, 0.0, x, denoised)
+        if float(sigma_next) == 0.0:
+            x = denoised
+            continue
+        h = torch.log(sigma / sigma_next)
+        eta_h = eta * h
+        x_std_coef = sigma_next / sigma * torch.exp(-eta_h)
+        d_coef = -torch.expm1(-h - eta_h)
+        if old_denoised is None or h_last is None:
+            x = x_std_coef * x + d_coef * denoised
+        else:
+            r = h_last / h
+            corrected = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = x_std_coef * x + d_coef * corrected
+            if eta:
+                x = x + noise(x) * sigma_next * torch.sqrt(-torch.expm1(-2 * eta_h)) * s_noise
+        old_denoised, h_last = denoised, h
+    return x
+
+
+__all__ = ["NoiseFn", "StepInfo", "initial_latent", "sample_dpmpp_2m_sde", "sample_restore_edm"]
