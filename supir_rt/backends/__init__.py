@@ -1,0 +1,118 @@
+"""One Engine protocol for every backend; the pipeline only ever calls `infer`.
+
+Contract (after Polygraphy's runner, STYLE G3):
+* `engine.spec` is the network's `NetworkSpec` (inputs, outputs, symbolic dims);
+* `engine.infer(feed)` takes a mapping name -> torch.Tensor (on `engine.device`) and returns
+  dict name -> torch.Tensor. **Returned tensors belong to the engine until the next `infer`** on
+  it: copy them if you need them longer (backends may write into preallocated buffers);
+* `engine.close()` frees it; engines are context managers.
+Feeds are validated (names, dtypes, ranks, consistent dims) unless `validate=False` was asked for
+the hot loop. Backends register by name; `open_engines` picks one (`auto` = fastest available).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from supir_rt.backends.specs import NETWORKS, NetworkSpec, validate_feed
+
+__all__ = ["Engine", "EngineBase", "BACKENDS", "register_backend", "available_backends", "open_engines",
+           "resolve_backend", "NETWORKS"]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    spec: NetworkSpec
+    device: torch.device
+
+    def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def close(self) -> None: ...
+
+
+class EngineBase:
+    """Shared lifecycle and validation; subclasses implement `_run(feed) -> dict`."""
+
+    backend = "base"
+
+    def __init__(self, spec: NetworkSpec, device: str | torch.device = "cpu", *, validate: bool = True,
+                 float_dtype: torch.dtype | None = None) -> None:
+        self.spec, self.device, self.validate = spec, torch.device(device), validate
+        self.float_dtype = float_dtype  # dtype float inputs must have (None: the spec's, fp32)
+        self.closed = False
+
+    def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.closed:
+            raise RuntimeError(f"{self.backend} engine {self.spec.name!r} is closed")
+        if self.validate:
+            validate_feed(self.spec, feed, float_dtype=self.float_dtype)
+        return self._run(feed)
+
+    def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec.name} on {self.device}>"
+
+
+# name -> (is_available() -> str | None reason-not-available, factory(**kwargs) -> dict[str, Engine])
+EngineFactory = Callable[..., dict[str, Engine]]
+BACKENDS: dict[str, tuple[Callable[[], str | None], EngineFactory]] = {}
+# `auto` tries these in order: fastest first.
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "torch")
+
+
+def register_backend(name: str, unavailable_reason: Callable[[], str | None], factory: EngineFactory) -> None:
+    BACKENDS[name] = (unavailable_reason, factory)
+
+
+def _load_builtin_backends() -> None:
+    from supir_rt.backends import torch_backend  # noqa: F401  (registers "torch")
+
+    try:
+        from supir_rt.backends import onnxruntime_backend  # noqa: F401  (registers "onnxruntime")
+    except ImportError:
+        pass
+    try:
+        from supir_rt.backends import tensorrt_backend  # noqa: F401  (registers "tensorrt")
+    except ImportError:
+        pass
+
+
+def available_backends() -> dict[str, str | None]:
+    """Backend name -> None if usable here, else the reason it is not."""
+    _load_builtin_backends()
+    return {name: reason() for name, (reason, _) in BACKENDS.items()}
+
+
+def resolve_backend(name: str, *, needs_artifacts: bool = False) -> str:
+    """Validate a backend name; `auto` picks the first available of AUTO_ORDER."""
+    status = available_backends()
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            if candidate in status and status[candidate] is None:
+                return candidate
+        raise RuntimeError(f"no backend is available: {status}")
+    if name not in status:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(['auto', *status])}")
+    if status[name] is not None:
+        raise RuntimeError(f"backend {name!r} is not available here: {status[name]}")
+    return name
+
+
+def open_engines(backend: str = "auto", **kwargs: Any) -> dict[str, Engine]:
+    """Open all networks on one backend. kwargs are the backend factory's (model=, artifact_dir=, ...)."""
+    name = resolve_backend(backend)
+    return BACKENDS[name][1](**kwargs)
