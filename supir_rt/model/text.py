@@ -315,6 +315,24 @@ class ConcatTimestepEmbedderND(nn.Module):
         return emb.reshape(b, n * self.outdim)  # (B, N*outdim), number 0 first
 
 
+def size_vector(
+    pooled: torch.Tensor,
+    size_embed_dim: int,
+    original_size: tuple[int, int] = (1024, 1024),
+    crop: tuple[int, int] = (0, 0),
+    target: tuple[int, int] = (1024, 1024),
+) -> torch.Tensor:
+    """pooled (B, P) -> vector (B, P + 3 * 2 * size_embed_dim): pooled, emb(original), emb(crop),
+    emb(target), in the embedders' order. Parameter-free, so engines' callers use it without the model."""
+    b = pooled.shape[0]
+    parts = [pooled]
+    embed = ConcatTimestepEmbedderND(size_embed_dim)
+    for pair in (original_size, crop, target):
+        numbers = torch.tensor([list(pair)], dtype=torch.float32, device=pooled.device).expand(b, 2)  # (B, 2)
+        parts.append(embed(numbers).to(pooled.dtype))  # (B, 2 * size_embed_dim)
+    return torch.cat(parts, dim=-1)
+
+
 class Conditioner(nn.Module):
     """sgm `GeneralConditioner` for SDXL: `embedders` 0-4 as in the checkpoint.
 
@@ -374,12 +392,7 @@ class Conditioner(nn.Module):
     ) -> torch.Tensor:
         """pooled (B, P) -> vector (B, P + 3 * 2 * size_embed_dim): pooled, emb(original), emb(crop),
         emb(target), in that order (the embedders' order)."""
-        b = pooled.shape[0]
-        parts = [pooled]
-        for embedder, pair in zip(self.embedders[2:], (original_size, crop, target)):
-            numbers = torch.tensor([list(pair)], dtype=torch.float32, device=pooled.device).expand(b, 2)  # (B, 2)
-            parts.append(embedder(numbers).to(pooled.dtype))  # (B, 2 * size_embed_dim)
-        return torch.cat(parts, dim=-1)
+        return size_vector(pooled, self.cfg.size_embed_dim, original_size, crop, target)
 
     def forward(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Prompts -> {"crossattn": (B, 77, context_dim), "vector": (B, vector_dim)}."""
@@ -390,6 +403,6 @@ class Conditioner(nn.Module):
 
 
 __all__ = [
-    "Conditioner", "ConcatTimestepEmbedderND", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2",
+    "Conditioner", "ConcatTimestepEmbedderND", "size_vector", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2",
     "OpenCLIPTextModel", "CLIPTextTransformer", "quick_gelu", "causal_attention_fn",
 ]
