@@ -1,0 +1,119 @@
+"""Captioners: where SUPIR's positive prompt comes from.
+
+``make_captioner(kind, ...)`` returns one of:
+
+* ``none``: no caption (SUPIR's ``--no_llava``; the prompt is just the quality prompt);
+* ``text``: the same given caption for every image;
+* ``sidecar``: the contents of ``<image>.txt`` beside each image (``IMAGE.png`` -> ``IMAGE.txt``);
+* ``llava``: LLaVA-1.5 over ONNX Runtime from an exported folder (``llava.py``; heavy imports are lazy).
+
+The pipeline captions the stage-1 image (reference §4.3) and joins caption and quality prompt with
+``join_prompt``; ``check_truncation`` reports when CLIP's 77-token window cuts the quality prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+from supir_rt.caption.prompt import check_truncation, clean_caption, join_prompt
+
+__all__ = [
+    "CAPTIONERS",
+    "Captioner",
+    "NoCaptioner",
+    "SidecarCaptioner",
+    "TextCaptioner",
+    "check_truncation",
+    "clean_caption",
+    "join_prompt",
+    "make_captioner",
+]
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """Produces the caption for one image. ``source`` is the input file, when there is one."""
+
+    def caption(self, image: Image.Image, source: Path | None = None) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class NoCaptioner:
+    """Always the empty caption."""
+
+    def caption(self, image: Image.Image, source: Path | None = None) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+class TextCaptioner:
+    """The same caption for every image."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def caption(self, image: Image.Image, source: Path | None = None) -> str:
+        return self.text
+
+    def close(self) -> None:
+        pass
+
+
+class SidecarCaptioner:
+    """Reads ``<source without suffix>.txt`` (UTF-8); newlines become spaces, as for LLaVA captions."""
+
+    def __init__(self, suffix: str = ".txt") -> None:
+        self.suffix = suffix
+
+    def path_for(self, source: Path) -> Path:
+        return Path(source).with_suffix(self.suffix)
+
+    def caption(self, image: Image.Image, source: Path | None = None) -> str:
+        if source is None:
+            raise ValueError("the sidecar captioner needs the image's file path (source=...) to find its .txt")
+        path = self.path_for(source)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"caption sidecar {path} is missing for {source}; write the caption there, or choose another "
+                "captioner (--captioner none|text|llava)"
+            )
+        return clean_caption(path.read_text(encoding="utf-8"))
+
+    def close(self) -> None:
+        pass
+
+
+CAPTIONERS = ("none", "text", "sidecar", "llava")
+
+
+def make_captioner(
+    kind: str,
+    *,
+    text: str | None = None,
+    model_dir: str | Path | None = None,
+    precision: str = "int4",
+    seed: int | None = 0,
+    sample: bool = True,
+    **kw: Any,
+) -> Captioner:
+    """A captioner by name (``CAPTIONERS``). ``llava`` extra keywords go to ``LlavaCaptioner``
+    (question, max_new_tokens, threads, temperature, top_p, top_k)."""
+    if kind == "none":
+        return NoCaptioner()
+    if kind == "text":
+        if text is None:
+            raise ValueError("captioner 'text' needs text=... (the caption to use)")
+        return TextCaptioner(text)
+    if kind == "sidecar":
+        return SidecarCaptioner(**kw)
+    if kind == "llava":
+        from supir_rt.caption.llava import LlavaCaptioner
+
+        return LlavaCaptioner(model_dir, precision, seed=seed, sample=sample, **kw)
+    raise ValueError(f"unknown captioner {kind!r}; choose one of {', '.join(CAPTIONERS)}")
