@@ -1,6 +1,6 @@
 """The SDXL VAE (AutoencoderKL) with SUPIR's degradation-robust `denoise_encoder`.
 
-Ports `Encoder`, `Decoder`, `ResnetBlock`, `AttnBlock`, `Downsample`, `Upsample` of
+Ports `Encoder`, `Decoder`, `ResnetBlock`, `AttnBlock`, `Downsample` (and `Upsample`, shared with the UNet) of
 `sgm/modules/diffusionmodules/model.py`, `AutoencoderKL` of `sgm/models/autoencoder.py`,
 `DiagonalGaussianDistribution` of `sgm/modules/distributions/distributions.py`, and the denoise
 encoder of `SUPIR/models/SUPIR_model.py` (Fanghua-Yu/SUPIR @ bda91af), from reference doc §1.4.
@@ -19,6 +19,7 @@ from torch import nn
 
 from supir_rt.config import VAEConfig
 from supir_rt.model import blocks
+from supir_rt.model.blocks import Upsample  # nearest x2 + conv3x3, same as the UNet's
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -69,15 +70,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class _Mid(nn.Module):
