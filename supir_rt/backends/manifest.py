@@ -1,0 +1,177 @@
+"""Self-describing engine artifacts: names, the JSON manifest beside each file, and its check.
+
+Every exported ONNX graph and every TensorRT plan gets a manifest (STYLE G14) recording what it is
+(network, I/O spec, model-config fingerprint, precision), how it was made (exporter, opset, tool
+versions, build settings) and from what (hash of the weights and of the source checkpoints). At load
+time `check_manifest` compares the manifest with what the runtime expects and refuses a mismatch
+with a message that names the file and the command that rebuilds it.
+
+File names (documented in engines/README.md):
+* ONNX:      ``<network>_<precision>.onnx`` (+ ``.onnx.data`` external weights) and ``.json`` manifest;
+* TensorRT:  ``<network>_<precision>_<profile>_sm<cc>_trt<version>.plan`` and ``.plan.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from supir_rt.backends.specs import DEFAULT_RANGES, DimRange, NetworkSpec
+from supir_rt.config import ModelConfig
+
+MANIFEST_VERSION = 1
+Precision = Literal["fp32", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+REBUILD_ONNX = "python export/build_engines.py"
+
+
+class ArtifactError(RuntimeError):
+    """An engine artifact is missing, stale, or was built for something else."""
+
+
+# ----------------------------------------------------------------------------------------- names
+
+def onnx_name(network: str, precision: str) -> str:
+    return f"{network}_{precision}.onnx"
+
+
+def manifest_path(artifact: Path) -> Path:
+    """The manifest beside an artifact: ``x.onnx`` -> ``x.json``, ``x.plan`` -> ``x.plan.json``."""
+    artifact = Path(artifact)
+    return artifact.with_suffix(".json") if artifact.suffix == ".onnx" else artifact.with_name(artifact.name + ".json")
+
+
+def profile_tag(ranges: Mapping[str, DimRange] = DEFAULT_RANGES) -> str:
+    """Short, readable profile key, e.g. ``B1-1-4.h8-128-256.w8-128-256`` (min-opt-max per symbol)."""
+    return ".".join(f"{k}{r.min}-{r.opt}-{r.max}" for k, r in sorted(ranges.items()))
+
+
+def plan_name(network: str, precision: str, ranges: Mapping[str, DimRange], compute_capability: tuple[int, int],
+              trt_version: str) -> str:
+    sm = f"{compute_capability[0]}{compute_capability[1]}"
+    return f"{network}_{precision}_{profile_tag(ranges)}_sm{sm}_trt{trt_version}.plan"
+
+
+def rebuild_command(config: ModelConfig, precision: str, *, trt: bool = False, artifact_dir: Path | None = None) -> str:
+    """The command line that rebuilds artifacts for this configuration (quoted in every error)."""
+    src = "--tiny-random" if config.name == "tiny" else "--sdxl SDXL.safetensors --supir SUPIR-v0Q.ckpt"
+    out = f" --out {artifact_dir}" if artifact_dir is not None else ""
+    return f"{REBUILD_ONNX} {src} --precision {precision}{out}{' --trt' if trt else ''}"
+
+
+# ------------------------------------------------------------------------------------ fingerprints
+
+def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensors_sha256(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Hash of named tensors (names, dtypes, shapes and bytes): identifies the weights an artifact holds."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def config_fingerprint(config: ModelConfig) -> str:
+    """Hash of the network-defining parts of a model config (prompts and name excluded)."""
+    parts = {k: dataclasses.asdict(getattr(config, k)) for k in
+             ("network_config", "control_stage_config", "first_stage_config", "conditioner_config")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def spec_to_json(spec: NetworkSpec) -> dict[str, Any]:
+    def tensors(ts):
+        return [{"name": t.name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for t in ts]
+
+    return {"name": spec.name, "inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs)}
+
+
+# --------------------------------------------------------------------------------------- manifest
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What sits in ``<artifact>.json``. `files` maps each file of the artifact (graph, external
+    data) to its sha256; `source` says where the weights came from."""
+
+    network: str
+    kind: Literal["onnx", "tensorrt"]
+    precision: str
+    config_name: str
+    config_fingerprint: str
+    spec: dict[str, Any]
+    files: dict[str, str]
+    weights_sha256: str
+    source: dict[str, Any]
+    tools: dict[str, str]
+    build: dict[str, Any]
+    version: int = MANIFEST_VERSION
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        data = json.loads(Path(path).read_text())
+        if data.get("version") != MANIFEST_VERSION:
+            raise ArtifactError(f"{path}: manifest version {data.get('version')}, this runtime reads "
+                                f"{MANIFEST_VERSION}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def check_manifest(artifact: Path, *, spec: NetworkSpec, config: ModelConfig, precision: str,
+                   kind: Literal["onnx", "tensorrt"] = "onnx", verify_hash: bool = True,
+                   extra: Mapping[str, Any] | None = None) -> Manifest:
+    """Refuse an artifact that is missing, altered, or built for another spec/config/precision.
+
+    `extra` holds further build fields that must match (e.g. TensorRT version, compute capability).
+    Every error names the file and the command that rebuilds it.
+    """
+    artifact = Path(artifact)
+    fix = f"rebuild with: {rebuild_command(config, precision, trt=kind == 'tensorrt', artifact_dir=artifact.parent)}"
+    mpath = manifest_path(artifact)
+    if not artifact.is_file():
+        raise ArtifactError(f"{kind} artifact for {spec.name!r} ({precision}) not found: {artifact}; {fix}")
+    if not mpath.is_file():
+        raise ArtifactError(f"{artifact}: no manifest {mpath.name} beside it, so it cannot be trusted; {fix}")
+    try:
+        man = Manifest.read(mpath)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ArtifactError(f"{mpath}: unreadable manifest ({err}); {fix}") from None
+    problems = []
+    if man.kind != kind or man.network != spec.name:
+        problems.append(f"it describes {man.kind} {man.network!r}, expected {kind} {spec.name!r}")
+    if man.precision != precision:
+        problems.append(f"precision {man.precision}, expected {precision}")
+    if man.config_fingerprint != config_fingerprint(config):
+        problems.append(f"built for model config {man.config_name!r} ({man.config_fingerprint}), "
+                        f"requested {config.name!r} ({config_fingerprint(config)})")
+    if man.spec != spec_to_json(spec):
+        problems.append(f"I/O spec differs: artifact {man.spec}, expected {spec_to_json(spec)}")
+    for key, want in (extra or {}).items():
+        if man.build.get(key) != want:
+            problems.append(f"{key} is {man.build.get(key)!r}, expected {want!r}")
+    for name, digest in man.files.items():
+        f = artifact.parent / name
+        if not f.is_file():
+            problems.append(f"file {f} listed in the manifest is missing")
+        elif verify_hash and file_sha256(f) != digest:
+            problems.append(f"{f.name} has changed since it was built (sha256 differs from the manifest)")
+    if problems:
+        raise ArtifactError(f"{artifact} does not match what the runtime expects: " + "; ".join(problems)
+                            + f"; {fix}")
+    return man
