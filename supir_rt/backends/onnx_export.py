@@ -169,6 +169,10 @@ def _trace_to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path
                                   dynamic_axes=spec.dynamic_axes(), opset_version=OPSET)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        # Known and harmless here: a strided Slice is left unfolded (still correct, just not folded), and
+        # advanced indexing only ever sees non-negative indices (the argmax that picks CLIP's EOT).
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         if exporter == "torchscript":
             torch.onnx.export(module, args, str(path), dynamo=False, do_constant_folding=True, **kwargs)
         elif exporter == "dynamo":
