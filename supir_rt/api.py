@@ -1,0 +1,343 @@
+"""`Restorer`: load SUPIR once, restore many images (from a script, a notebook or a serving process).
+
+    from supir_rt import Restorer, RestoreConfig
+
+    with Restorer.from_weights(sdxl="sd_xl_base_1.0_0.9vae.safetensors", supir="SUPIR-v0Q.ckpt") as r:
+        r.restore_file("in.jpg", "out.png", RestoreConfig(seed=7))
+        pil = r.restore(Image.open("other.png")).image
+
+The engines (one per network, `supir_rt.backends`) are opened once; the PyTorch model is built only for
+the torch backend. A `Restorer` is not thread-safe: serve one request at a time per instance (engines
+own their output buffers until the next call).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from supir_rt.backends import Engine, open_engines
+from supir_rt.config import ModelConfig
+from supir_rt.images import (
+    DEFAULT_MAX_PIXELS, ImageError, LoadedImage, check_output_path, from_pil, load_image, save_image,
+)
+from supir_rt.pipeline import Pipeline, RestoreResult
+from supir_rt.restore_config import RestoreConfig
+from supir_rt.sampler import StepInfo
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SDXL_FILE = "sd_xl_base_1.0_0.9vae.safetensors"
+SUPIR_FILES = {"Q": "SUPIR-v0Q.ckpt", "F": "SUPIR-v0F.ckpt"}
+# Largest processing size accepted (pixels): SDXL's self-attention at this size already needs a big GPU.
+DEFAULT_MAX_PROCESSING_PIXELS = 16 * 1024 * 1024
+
+
+class SetupError(ValueError):
+    """The runtime cannot be set up as asked (device, dtype, backend, engines); the message says how to fix it."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise SetupError(f"dtype {name}: choose fp32, fp16 or bf16")
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise SetupError(f"dtype {name!r}: choose one of {', '.join(DTYPES)}") from None
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise SetupError(f"device {device!r} is not a device name ({err}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SetupError(f"device {device!r}: this machine has no CUDA GPU (or torch was built without CUDA); use --device cpu")
+    return dev
+
+
+def _warn_precision(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type == "cpu" and dtype == torch.float16:
+        log.warning("fp16 on CPU is very slow (about 70x slower than fp32 in PyTorch); use --dtype fp32 on CPU")
+
+
+def build_torch_engines(model: torch.nn.Module) -> dict[str, Engine]:
+    """Torch engines over ``model``; when the diffusion networks have another dtype than the VAE and text
+    encoders (``--dtype fp16``), each engine runs in its own module's dtype."""
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) == 1:
+        return open_engines("torch", model=model)
+    from supir_rt.backends.modules import NETWORK_MODULES
+    from supir_rt.backends.specs import network_specs
+    from supir_rt.backends.torch_backend import TorchEngine
+
+    specs = network_specs(model.config)
+    engines: dict[str, Engine] = {}
+    for name, cls in NETWORK_MODULES.items():
+        module = cls(model)
+        p = next(module.parameters())
+        engines[name] = TorchEngine(module, specs[name], p.device, p.dtype)
+    return engines
+
+
+def _cast_diffusion(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """UNet + control model in ``dtype``; VAE and text encoders stay as they are (fp32): the SDXL VAE
+    overflows in fp16 (reference §10.27)."""
+    model.model.to(dtype)
+
+
+@dataclass(frozen=True)
+class Restored:
+    """One restored image: ``image`` is RGB or RGBA (alpha resized and reattached), plus what made it."""
+
+    image: Image.Image
+    result: RestoreResult
+    metadata: dict[str, Any]
+
+
+class Restorer:
+    """Holds the engines and the pipeline; `restore` / `restore_file` run one image each."""
+
+    def __init__(
+        self,
+        engines: Mapping[str, Engine],
+        model_config: ModelConfig,
+        *,
+        captioner: Any = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_processing_pixels: int | None = DEFAULT_MAX_PROCESSING_PIXELS,
+        skip_unused_work: bool = True,
+        progress: bool = False,
+        description: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.engines = dict(engines)
+        self.model_config = model_config
+        self.pipeline = Pipeline(self.engines, model_config, skip_unused_work=skip_unused_work)
+        self.captioner = captioner
+        self.max_pixels = max_pixels
+        self.max_processing_pixels = max_processing_pixels
+        self.progress = progress
+        self.description = dict(description or {})  # weights, backend, dtype: stored in outputs' metadata
+
+    # ---------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_weights(
+        cls, sdxl: str | Path, supir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
+        backend: str = "torch", engines_dir: str | Path | None = None, config: ModelConfig | None = None,
+        **kwargs: Any,
+    ) -> Restorer:
+        """Load the official SDXL base + SUPIR-v0Q/v0F checkpoints (torch backend), or open exported
+        engines from ``engines_dir`` (onnxruntime/tensorrt backends, which need no PyTorch model)."""
+        config = config or ModelConfig.official()
+        backend = _pick_backend(backend, engines_dir, device)
+        desc = {"backend": backend, "dtype": dtype, "device": str(device), "model": config.name,
+                "sdxl": Path(sdxl).name if sdxl else None, "supir": Path(supir).name if supir else None}
+        if backend.startswith("torch"):
+            from supir_rt.model.supir import build_model
+            from supir_rt.weights import load_checkpoints
+
+            dev, dt = check_device(device), parse_dtype(dtype)
+            _warn_precision(dev, dt)
+            model = build_model(config, device="meta")
+            _cast_diffusion(model, dt)
+            model = model.to_empty(device=dev)
+            load_checkpoints(model, sdxl=sdxl, supir=supir)
+            engines = build_torch_engines(model)
+        else:
+            engines = _open_artifact_engines(backend, config, engines_dir, dtype)
+        return cls(engines, config, description=desc, **kwargs)
+
+    @classmethod
+    def from_engines(cls, engines_dir: str | Path, *, backend: str = "auto", dtype: str = "fp32",
+                     config: ModelConfig | None = None, **kwargs: Any) -> Restorer:
+        """Open exported engines (no PyTorch model is built)."""
+        config = config or ModelConfig.official()
+        backend = _pick_backend(backend, engines_dir, "cpu")
+        engines = _open_artifact_engines(backend, config, engines_dir, dtype)
+        desc = {"backend": backend, "dtype": dtype, "model": config.name, "engines_dir": str(engines_dir)}
+        return cls(engines, config, description=desc, **kwargs)
+
+    @classmethod
+    def tiny_random(cls, *, seed: int = 0, device: str = "cpu", dtype: str = "fp32", backend: str = "torch",
+                    engines_dir: str | Path | None = None, **kwargs: Any) -> Restorer:
+        """The whole pipeline on the tiny configuration with random weights: shows it runs end to end.
+        **The output is not a restoration** (random networks produce noise-like images)."""
+        from supir_rt.model.supir import build_model
+
+        config = ModelConfig.tiny()
+        dev, dt = check_device(device), parse_dtype(dtype)
+        _warn_precision(dev, dt)
+        backend = "torch" if backend == "auto" else backend
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(config, device=dev)
+        desc = {"backend": backend, "dtype": dtype, "device": str(dev), "model": "tiny-random",
+                "weights_seed": seed}
+        if backend.startswith("torch"):
+            _cast_diffusion(model, dt)
+            engines = build_torch_engines(model)
+        else:
+            try:
+                from supir_rt.backends.onnx_export import export_all
+            except ImportError:
+                raise SetupError(
+                    f"--tiny-random with --backend {backend} is not available yet: the ONNX exporter "
+                    "(supir_rt.backends.onnx_export) is not installed; use --backend torch"
+                ) from None
+            out = Path(engines_dir) if engines_dir else Path(tempfile.mkdtemp(prefix="supir-rt-tiny-"))
+            export_all(model, out, precision=dtype, progress=False, reuse=True)
+            engines = _open_artifact_engines(backend, config, out, dtype)
+            desc["engines_dir"] = str(out)
+        return cls(engines, config, description=desc, **kwargs)
+
+    # ------------------------------------------------------------------------------------- restoring
+
+    def restore(
+        self,
+        image: Image.Image | LoadedImage | str | Path,
+        config: RestoreConfig | None = None,
+        *,
+        caption: str | None = None,
+        source: Path | None = None,
+        callback: Callable[[StepInfo], None] | None = None,
+    ) -> Restored:
+        """Restore one image (a PIL image, a `LoadedImage` or a path). Alpha is kept."""
+        config = config or RestoreConfig()
+        if isinstance(image, (str, Path)):
+            source = Path(image)
+            loaded = load_image(image, max_pixels=self.max_pixels)
+        elif isinstance(image, LoadedImage):
+            loaded, source = image, source or image.path
+        elif isinstance(image, Image.Image):
+            loaded = from_pil(image)
+        else:
+            raise TypeError(f"restore() takes a PIL image, a LoadedImage or a path, got {type(image).__name__}")
+        for note in loaded.notes:
+            log.info("%s: %s", source or "image", note)
+        self._check_size(loaded, config, source)
+        step_cb = callback
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config.num_steps, desc="steps", unit="step", leave=False, disable=None)
+
+            def step_cb(info: StepInfo) -> None:
+                bar.update(1)
+                if callback is not None:
+                    callback(info)
+        try:
+            result = self.pipeline.run(loaded.rgb, config, caption=caption, captioner=self.captioner,
+                                       source=source, callback=step_cb)
+        finally:
+            if bar is not None:
+                bar.close()
+        out = Image.fromarray(result.image, "RGB")
+        if loaded.alpha is not None:
+            out.putalpha(loaded.alpha.resize(out.size, Image.Resampling.BICUBIC))
+        return Restored(image=out, result=result, metadata=self.metadata(result, source))
+
+    def restore_file(
+        self, input_path: str | Path, output_path: str | Path, config: RestoreConfig | None = None, *,
+        caption: str | None = None, overwrite: bool = False, callback: Callable[[StepInfo], None] | None = None,
+    ) -> Restored:
+        """Restore ``input_path`` into ``output_path`` (format from the extension), atomically, with the
+        generation parameters in the file's metadata. The input is never overwritten."""
+        input_path, output_path = Path(input_path), Path(output_path)
+        check_output_path(output_path, [input_path], overwrite=overwrite)
+        loaded = load_image(input_path, max_pixels=self.max_pixels)
+        restored = self.restore(loaded, config, caption=caption, source=input_path, callback=callback)
+        rgb = restored.image.convert("RGB") if restored.image.mode == "RGBA" else restored.image
+        alpha = restored.image.getchannel("A") if restored.image.mode == "RGBA" else None
+        save_image(output_path, rgb, alpha=alpha, metadata=restored.metadata, icc_profile=loaded.icc_profile)
+        return restored
+
+    def metadata(self, result: RestoreResult, source: Path | None) -> dict[str, Any]:
+        """Everything needed to reproduce ``result``: settings (with the seed used), caption, runtime."""
+        from supir_rt import __version__
+
+        settings = dataclasses.asdict(result.config)
+        settings["seed"] = result.seed
+        return {
+            "software": f"supir-rt {__version__}",
+            "settings": settings,
+            "caption": result.caption,
+            "prompt": result.prompt,
+            "negative_prompt": result.negative_prompt,
+            "processing_size": list(result.sizes.processing),
+            "output_size": list(result.sizes.output),
+            "source": source.name if source is not None else None,
+            "runtime": self.description,
+        }
+
+    def _check_size(self, loaded: LoadedImage, config: RestoreConfig, source: Path | None) -> None:
+        from supir_rt.pipeline import processing_sizes
+
+        name = source or "image"
+        try:
+            sizes = processing_sizes(*loaded.size, config.upscale, config.min_size)
+        except ValueError as err:
+            raise ImageError(f"{name}: {err}") from None
+        pw, ph = sizes.processing
+        if self.max_processing_pixels is not None and pw * ph > self.max_processing_pixels:
+            raise ImageError(
+                f"{name}: {loaded.size[0]}x{loaded.size[1]} at upscale {config.upscale} would be processed at "
+                f"{pw}x{ph} px, above the limit of {self.max_processing_pixels:,} pixels; lower --upscale, "
+                "downscale the input, or raise the limit (Restorer(max_processing_pixels=...))"
+            )
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        if self.captioner is not None and hasattr(self.captioner, "close"):
+            self.captioner.close()
+
+    def __enter__(self) -> Restorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | torch.device) -> str:
+    """``auto``: the torch backend when there are no exported engines, else the fastest available."""
+    from supir_rt.backends import resolve_backend
+
+    if backend == "auto" and engines_dir is None:
+        return "torch"
+    try:
+        return resolve_backend(backend)
+    except (RuntimeError, ValueError) as err:
+        raise SetupError(str(err)) from None
+
+
+def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str | Path | None,
+                           dtype: str) -> dict[str, Engine]:
+    if engines_dir is None:
+        raise SetupError(
+            f"backend {backend!r} runs exported engines: pass --engines-dir DIR (build them with "
+            "python export/build_engines.py), or use --backend torch with the checkpoint files"
+        )
+    if not Path(engines_dir).is_dir():
+        raise SetupError(f"engines folder {engines_dir} does not exist; build the engines first or fix --engines-dir")
+    return open_engines(backend, config=config, artifact_dir=engines_dir, precision=dtype)
+
+
+__all__ = [
+    "DTYPES", "Restored", "Restorer", "SDXL_FILE", "SUPIR_FILES", "SetupError", "build_torch_engines",
+    "check_device", "parse_dtype",
+]

@@ -1,0 +1,417 @@
+"""The SUPIR restoration pipeline: stage functions named after the algorithm, and a `Pipeline` that
+only composes them (STYLE G11). Reproduces `test.py` + `SUPIRModel.batchify_sample` (reference doc §4).
+
+Stages, in order (§4.2-§4.6):
+
+1. `preprocess`        PIL RGB -> (1, 3, H, W) in [-1, 1] at the processing size (upscale, min_size,
+                       sides snapped to multiples of 64 with round-half-even, PIL bicubic);
+2. `stage1`            degradation-robust encoder -> control latent (posterior mean × 0.13025), decoded to
+                       the stage-1 image (colour-fix reference, caption source);
+3. `encode_x_center`   standard encoder on the stage-1 image, posterior *sample* × 0.13025 (restoration
+                       guidance's x_center). Its noise is always drawn; the encoder is skipped when the
+                       result is unused (τ_r ≤ 0), which leaves the random stream unchanged;
+4. `caption_image` /   the stage-1 image at short side 512 for an image captioner (§4.3), only when the
+   `prompt_for`        captioner needs pixels; caption + quality prompt joined as the official code does;
+5. `encode_prompt`,    text encoders once per distinct prompt, fixed 1024/0/1024 size conditioning (§4.5);
+   `prepare_condition`
+6. `sample`            restoration-guided EDM sampling over the `unet_adaptor` engine (§5);
+7. `decode`            VAE decoder, with a check for non-finite values (fp16 overflow);
+8. `color_fix`         Wavelet / AdaIN / none against the stage-1 image (§4.6);
+9. `postprocess`       torch bicubic back to upscale × input size, truncating uint8 conversion (§4.2).
+
+All networks are reached through `Engine.infer` only (`supir_rt.backends`); nothing here knows which
+backend runs them. All randomness comes from one `NoiseSource` (§5.4).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from supir_rt.backends import Engine
+from supir_rt.colorfix import color_fix
+from supir_rt.config import ModelConfig
+from supir_rt.denoiser import ControlScale, EpsDenoiser, GuidedDenoiser, LinearCFG, Network
+from supir_rt.model.text import size_vector
+from supir_rt.model.vae import DiagonalGaussian
+from supir_rt.noise import NoiseSource
+from supir_rt.restore_config import RestoreConfig
+from supir_rt.sampler import StepInfo, initial_latent, sample_restore_edm
+from supir_rt.schedule import legacy_ddpm_sigmas, restore_sigmas
+
+log = logging.getLogger(__name__)
+
+SNAP = 64  # test.py snaps processing sides to multiples of 64 px (8 latent px)
+CAPTION_SHORT_SIDE = 512  # §4.3: LLaVA sees the stage-1 image at short side 512
+SIZE_CONDITIONING = ((1024, 1024), (0, 0), (1024, 1024))  # original, crop, target (§4.5)
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The decoded image has NaN/Inf values (typically fp16 overflow); nothing is saved."""
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. sizes and preprocessing (§4.2)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """``output`` = (w0, h0), the size written out; ``processing`` = (W, H), multiples of 64."""
+
+    output: tuple[int, int]
+    processing: tuple[int, int]
+
+    @property
+    def latent(self) -> tuple[int, int]:
+        """(h, w) of the latent (processing / 8)."""
+        return self.processing[1] // 8, self.processing[0] // 8
+
+
+def snap(value: float, unit: int = SNAP) -> int:
+    """``int(np.round(value / unit)) * unit``: numpy round-half-even, as `PIL2Tensor`."""
+    return int(np.round(value / unit)) * unit
+
+
+def processing_sizes(
+    width: int, height: int, upscale: float = 1.0, min_size: int = 1024, *, fix_resize: int | None = None
+) -> Sizes:
+    """`PIL2Tensor`'s size arithmetic (§4.2): upscale, record the output size, scale the short side up
+    to ``min_size``, optionally force the short side to ``fix_resize`` (and output at that size), snap."""
+    w, h = width * upscale, height * upscale
+    w0, h0 = round(w), round(h)
+    if min(w, h) < min_size:
+        k = min_size / min(w, h)
+        w, h = w * k, h * k
+    if fix_resize is not None:
+        k = fix_resize / min(w, h)
+        w, h = w * k, h * k
+        w0, h0 = round(w), round(h)
+    pw, ph = snap(w), snap(h)
+    if pw < SNAP or ph < SNAP or w0 < 1 or h0 < 1:
+        raise ValueError(
+            f"a {width}x{height} image at upscale {upscale} and min_size {min_size} would be processed at "
+            f"{pw}x{ph} px; SUPIR needs at least {SNAP} px per side: raise --min-size or --upscale"
+        )
+    return Sizes(output=(w0, h0), processing=(pw, ph))
+
+
+def preprocess(image: Image.Image, sizes: Sizes) -> torch.Tensor:
+    """RGB PIL -> (1, 3, H, W) float32 in [-1, 1]: the *original* image resized straight to the
+    processing size with PIL bicubic, through uint8, ``x/255·2 − 1``."""
+    if image.mode != "RGB":
+        raise ValueError(f"preprocess expects an RGB image, got mode {image.mode!r}; load it with supir_rt.images")
+    resized = image.resize(sizes.processing, resample=Image.Resampling.BICUBIC)
+    arr = np.asarray(resized, dtype=np.uint8)  # (H, W, 3)
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].to(torch.float32)  # (1, 3, H, W)
+    return x / 255.0 * 2.0 - 1.0
+
+
+def postprocess(image: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """`Tensor2PIL`: (1, 3, H, W) in [-1, 1] -> (h0, w0, 3) uint8. Torch bicubic (align_corners=False,
+    no antialias) to ``size`` = (w0, h0), then ``x·127.5 + 127.5``, clip, and a *truncating* cast."""
+    w0, h0 = size
+    x = image.detach().to(torch.float32)
+    if tuple(x.shape[-2:]) != (h0, w0):
+        x = F.interpolate(x, size=(h0, w0), mode="bicubic", align_corners=False)
+    x = (x[0].permute(1, 2, 0) * 127.5 + 127.5).cpu().numpy()  # (h0, w0, 3)
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# engine helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _infer(engine: Engine, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Feed on the engine's device (floats as float32, the contract's dtype)."""
+    moved = {k: (v.to(engine.device, torch.float32) if v.is_floating_point() else v.to(engine.device))
+             for k, v in feed.items()}
+    return engine.infer(moved)
+
+
+def engine_network(engine: Engine) -> Network:
+    """The denoiser's ``network(x_in, t, cond, control_scale) -> eps`` over the ``unet_adaptor`` engine.
+    The returned eps belongs to the engine; `EpsDenoiser` consumes it before the next call."""
+
+    def network(x_in: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor],
+                control_scale: float | torch.Tensor) -> torch.Tensor:
+        cs = torch.as_tensor(control_scale, dtype=torch.float32).reshape(1)
+        out = _infer(engine, x_in=x_in, timesteps=t, context=cond["crossattn"], vector=cond["vector"],
+                     lq_latent=cond["control"], control_scale=cs)
+        return out["eps"].to(x_in.device)
+
+    return network
+
+
+# --------------------------------------------------------------------------------------------------
+# 2-3. stage 1 and x_center (§4.3, §4.4 steps 4-6)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage1:
+    control_latent: torch.Tensor  # (1, 4, h, w): 0.13025 · posterior mean of the DR encoder
+    image: torch.Tensor  # (1, 3, H, W): decode of control_latent, not clamped
+
+
+def stage1(engines: Mapping[str, Engine], lq: torch.Tensor) -> Stage1:
+    """`encode_first_stage_with_denoise` (mean) and `decode_first_stage`: control latent + stage-1 image."""
+    latent = _infer(engines["dr_encoder"], image=lq)["latent"].clone()
+    image = _infer(engines["vae_decoder"], latent=latent)["image"].clone()
+    return Stage1(control_latent=latent, image=image)
+
+
+def encode_x_center(
+    engines: Mapping[str, Engine], stage1_image: torch.Tensor, noise: NoiseSource, scale_factor: float,
+    *, needed: bool = True,
+) -> torch.Tensor | None:
+    """`encode_first_stage(x_stage1)`: posterior sample of the standard encoder × scale_factor.
+
+    The posterior noise is drawn first (CPU generator, latent shape) in every case; when ``needed`` is
+    False the encoder pass is skipped and None returned, leaving later draws unchanged.
+    """
+    b, _, height, width = stage1_image.shape
+    shape = (b, engines["vae_encoder"].spec.output("moments").shape[1] // 2, height // 8, width // 8)
+    if not needed:
+        noise.skip_posterior(shape)
+        return None
+    eps = noise.posterior(shape)
+    moments = _infer(engines["vae_encoder"], image=stage1_image)["moments"]
+    posterior = DiagonalGaussian.from_moments(moments.to(stage1_image.device))
+    if tuple(posterior.mean.shape) != shape:
+        raise RuntimeError(f"vae_encoder returned moments {tuple(moments.shape)}, expected a latent of {shape}")
+    return posterior.sample(eps) * scale_factor
+
+
+def caption_image(engines: Mapping[str, Engine], image: Image.Image, upscale: float, min_size: int) -> Image.Image:
+    """§4.3: the stage-1 image at short side 512 that the official code gives LLaVA (a separate
+    DR-encoder + decoder pass at that resolution, then `Tensor2PIL` to the rounded 512-short-side size)."""
+    sizes = processing_sizes(*image.size, upscale, min_size, fix_resize=CAPTION_SHORT_SIDE)
+    first = stage1(engines, preprocess(image, sizes))
+    return Image.fromarray(postprocess(first.image, sizes.output), "RGB")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4-5. prompt and conditioning (§4.5)
+# --------------------------------------------------------------------------------------------------
+
+
+def join_caption(caption: str, quality_prompt: str, quality_first: bool = False) -> str:
+    """Caption + quality prompt, joined with no separator as the official code (or quality first)."""
+    try:
+        from supir_rt.caption import join_prompt
+    except ImportError:  # pragma: no cover - the caption package ships with supir_rt
+        return quality_prompt + (" " + caption if caption else "") if quality_first else caption + quality_prompt
+    return join_prompt(caption, quality_prompt, quality_first=quality_first)
+
+
+def truncation_warning(prompt: str, quality_prompt: str, tokenizer: Any) -> str | None:
+    try:
+        from supir_rt.caption import check_truncation
+    except ImportError:  # pragma: no cover
+        return None
+    return check_truncation(prompt, tokenizer, quality_prompt=quality_prompt or None)
+
+
+def encode_prompt(
+    engines: Mapping[str, Engine], tokenizer: Any, prompt: str, config: ModelConfig, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One prompt -> {"crossattn": (1, 77, ctx), "vector": (1, adm)} with the fixed size conditioning."""
+    cc = config.conditioner_config
+    ids_l = tokenizer([prompt], pad_token=cc.clip_l_pad_token, context_length=cc.clip_l.context_length)
+    ids_g = tokenizer([prompt], pad_token=cc.bigg_pad_token, context_length=cc.bigg.context_length)
+    out = _infer(engines["text_encoders"], clip_l_ids=ids_l, bigg_ids=ids_g)
+    crossattn = out["crossattn"].to(device, torch.float32).clone()
+    pooled = out["pooled"].to(device, torch.float32).clone()
+    original, crop, target = SIZE_CONDITIONING
+    vector = size_vector(pooled, cc.size_embed_dim, original, crop, target)
+    return {"crossattn": crossattn, "vector": vector}
+
+
+def prepare_condition(
+    positive: Mapping[str, torch.Tensor], negative: Mapping[str, torch.Tensor], control_latent: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(c, uc): text embeddings of the positive / negative prompt, both with ``control`` = the LQ latent."""
+    cond = {"crossattn": positive["crossattn"], "vector": positive["vector"], "control": control_latent}
+    uncond = {"crossattn": negative["crossattn"], "vector": negative["vector"], "control": control_latent}
+    return cond, uncond
+
+
+# --------------------------------------------------------------------------------------------------
+# 6-8. sampling, decoding, colour fix (§4.4 steps 8-10, §5)
+# --------------------------------------------------------------------------------------------------
+
+
+def sample(
+    engines: Mapping[str, Engine],
+    cond: Mapping[str, torch.Tensor],
+    uncond: Mapping[str, torch.Tensor],
+    x_center: torch.Tensor | None,
+    noise: NoiseSource,
+    config: RestoreConfig,
+    model_config: ModelConfig,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> torch.Tensor:
+    """Initial noise (one draw), then `sample_restore_edm` with linear CFG and the control-scale schedule."""
+    control_latent = cond["control"]
+    table = legacy_ddpm_sigmas(model_config.denoiser_config).to(control_latent.device)
+    sigmas = restore_sigmas(config.num_steps, table)
+    cfg = (LinearCFG(scale=config.cfg_scale_start, scale_min=config.cfg_scale) if config.use_linear_cfg
+           else LinearCFG.constant(config.cfg_scale))
+    control = ControlScale(config.control_scale, config.use_linear_control_scale, config.control_scale_start)
+    denoiser = GuidedDenoiser(EpsDenoiser(engine_network(engines["unet_adaptor"]), table), cond, uncond, cfg, control)
+    x = initial_latent(noise.randn_like(control_latent), sigmas)
+    return sample_restore_edm(
+        denoiser, x, sigmas, x_center=x_center, restore_cfg=config.restore_cfg,
+        restore_cfg_s_tmin=config.restore_cfg_s_tmin, s_churn=config.s_churn, s_noise=config.s_noise,
+        noise=noise.randn_like, callback=callback,
+    )
+
+
+def decode(engines: Mapping[str, Engine], latent: torch.Tensor) -> torch.Tensor:
+    """`decode_first_stage`: scaled latent -> image (not clamped). Non-finite values raise."""
+    image = _infer(engines["vae_decoder"], latent=latent)["image"].clone()
+    bad = int((~torch.isfinite(image)).sum())
+    if bad or not torch.isfinite(latent).all():
+        raise NonFiniteOutputError(
+            f"the restored image contains {bad or 'some'} NaN/Inf values (the sampled latent "
+            f"{'is' if not torch.isfinite(latent).all() else 'is not'} finite): the diffusion networks overflowed, "
+            "which happens in fp16. Nothing was saved; run again with --dtype fp32 or --dtype bf16"
+        )
+    return image
+
+
+# --------------------------------------------------------------------------------------------------
+# the composition
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    image: np.ndarray  # (h0, w0, 3) uint8, RGB
+    sizes: Sizes
+    seed: int  # the seed actually used (a random one when config.seed == -1)
+    caption: str
+    prompt: str
+    negative_prompt: str
+    config: RestoreConfig
+
+
+def resolve_seed(seed: int) -> int:
+    """test.py: seed −1 means ``random.randint(0, 65535)``."""
+    return random.randint(0, 65535) if seed == -1 else seed
+
+
+class Pipeline:
+    """Holds the engines, the model configuration and the tokenizer; `run` composes the stages.
+
+    ``skip_unused_work`` (default True) skips the x_center encoder pass when restoration guidance is off;
+    set it False to run it anyway (the result is bit-identical, which the tests check).
+    Text embeddings are cached per prompt (`prompt_cache_size` most recent prompts).
+    """
+
+    def __init__(
+        self, engines: Mapping[str, Engine], model_config: ModelConfig, *, tokenizer: Any = None,
+        skip_unused_work: bool = True, prompt_cache_size: int = 16,
+    ) -> None:
+        missing = [n for n in ("dr_encoder", "vae_encoder", "unet_adaptor", "vae_decoder", "text_encoders")
+                   if n not in engines]
+        if missing:
+            raise ValueError(f"engine dict lacks {missing}; open all five networks with supir_rt.backends.open_engines")
+        if tokenizer is None:
+            from supir_rt.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer()
+        self.engines = dict(engines)
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.skip_unused_work = skip_unused_work
+        self.device = torch.device(getattr(engines["unet_adaptor"], "device", "cpu"))
+        self._prompts: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._prompt_cache_size = prompt_cache_size
+
+    def embed(self, prompt: str) -> dict[str, torch.Tensor]:
+        """Text conditioning of one prompt, computed once and cached."""
+        if prompt in self._prompts:
+            self._prompts.move_to_end(prompt)
+            return self._prompts[prompt]
+        emb = encode_prompt(self.engines, self.tokenizer, prompt, self.model_config, self.device)
+        self._prompts[prompt] = emb
+        while len(self._prompts) > self._prompt_cache_size:
+            self._prompts.popitem(last=False)
+        return emb
+
+    def caption(self, image: Image.Image, config: RestoreConfig, captioner: Any, source: Path | None) -> str:
+        """The caption for ``image``: from ``captioner`` on the 512-short-side stage-1 image when it needs
+        pixels; text/sidecar/none captioners get the input image untouched (no extra pass)."""
+        if captioner is None:
+            return ""
+        if captioner_needs_image(captioner):
+            return captioner.caption(caption_image(self.engines, image, config.upscale, config.min_size), source=source)
+        return captioner.caption(image, source=source)
+
+    @torch.inference_mode()
+    def run(
+        self,
+        image: Image.Image,
+        config: RestoreConfig = RestoreConfig(),
+        *,
+        caption: str | None = None,
+        captioner: Any = None,
+        source: Path | None = None,
+        callback: Callable[[StepInfo], None] | None = None,
+    ) -> RestoreResult:
+        """Restore one RGB image; returns the uint8 result at upscale × input size."""
+        sizes = processing_sizes(*image.size, config.upscale, config.min_size)
+        if caption is None:
+            caption = self.caption(image, config, captioner, source)
+        prompt = join_caption(caption, config.a_prompt, config.quality_first)
+        warning = truncation_warning(prompt, config.a_prompt, self.tokenizer)
+        if warning:
+            log.warning("%s", warning)
+        seed = resolve_seed(config.seed)
+        noise = NoiseSource(seed, device=config.noise_device)
+        lq = preprocess(image, sizes).to(self.device)
+        first = stage1(self.engines, lq)
+        x_center = encode_x_center(
+            self.engines, first.image, noise, self.model_config.first_stage_config.scale_factor,
+            needed=config.restore_cfg > 0 or not self.skip_unused_work,
+        )
+        cond, uncond = prepare_condition(self.embed(prompt), self.embed(config.n_prompt), first.control_latent)
+        latent = sample(self.engines, cond, uncond, x_center, noise, config, self.model_config, callback)
+        restored = color_fix(decode(self.engines, latent), first.image, config.color_fix_type)
+        return RestoreResult(
+            image=postprocess(restored, sizes.output), sizes=sizes, seed=seed, caption=caption, prompt=prompt,
+            negative_prompt=config.n_prompt, config=config,
+        )
+
+
+def captioner_needs_image(captioner: Any) -> bool:
+    """Whether a captioner looks at pixels (LLaVA) rather than text it already has (none/text/sidecar)."""
+    explicit = getattr(captioner, "needs_image", None)
+    if explicit is not None:
+        return bool(explicit)
+    try:
+        from supir_rt.caption import NoCaptioner, SidecarCaptioner, TextCaptioner
+    except ImportError:  # pragma: no cover
+        return True
+    return not isinstance(captioner, (NoCaptioner, SidecarCaptioner, TextCaptioner))
+
+
+__all__ = [
+    "CAPTION_SHORT_SIDE", "NonFiniteOutputError", "Pipeline", "RestoreResult", "SIZE_CONDITIONING", "Sizes",
+    "Stage1", "caption_image", "captioner_needs_image", "decode", "encode_prompt", "encode_x_center",
+    "engine_network", "join_caption", "postprocess", "prepare_condition", "preprocess", "processing_sizes",
+    "resolve_seed", "sample", "snap", "stage1",
+]

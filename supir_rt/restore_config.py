@@ -1,0 +1,110 @@
+"""Restore settings: one frozen dataclass with SUPIR's knobs, and the named presets (STYLE G8).
+
+Field names follow `SUPIRModel.batchify_sample` and `test.py` (reference doc §4.1, §4.4); the official
+`test.py` flag each one comes from is given next to it. The default instance is the official `test.py`
+configuration (current HEAD, 2025-05-12). Presets are data: a dict name -> `RestoreConfig`, resolved by
+`restore_preset(name)`; variants are made with `dataclasses.replace` (or `RestoreConfig.with_overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from supir_rt.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_POSITIVE_PROMPT
+
+ColorFix = Literal["wavelet", "adain", "none"]
+COLOR_FIXES: tuple[str, ...] = ("wavelet", "adain", "none")
+# `test.py --color_fix_type` spellings accepted on input.
+_OFFICIAL_COLOR_FIX = {"wavelet": "wavelet", "adain": "adain", "none": "none"}
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    """Everything that decides one restoration, besides the weights and the image.
+
+    The defaults are `test.py`'s (§4.1): linear CFG from 1.0 at high noise to 4.0, restoration guidance
+    off, churn 5, s_noise 1.01, Wavelet colour fix, seed 1234.
+    """
+
+    num_steps: int = 50  # --edm_steps
+    cfg_scale: float = 4.0  # --s_cfg: the CFG scale reached as σ -> 0 (scale_min of LinearCFG)
+    use_linear_cfg: bool = True  # --linear_CFG (always on in test.py)
+    cfg_scale_start: float = 1.0  # --spt_linear_CFG: the CFG scale at σ_max
+    control_scale: float = 1.0  # --s_stage2
+    use_linear_control_scale: bool = False  # --linear_s_stage2
+    control_scale_start: float = 0.0  # --spt_linear_s_stage2
+    restore_cfg: float = -1.0  # --s_stage1, τ_r of restoration guidance; <= 0 disables it
+    restore_cfg_s_tmin: float = 0.05  # RestoreEDMSampler default: no guidance once σ_{k+1} <= this
+    s_churn: float = 5.0  # --s_churn
+    s_noise: float = 1.01  # --s_noise
+    seed: int = 1234  # --seed; -1 picks a random seed in 0..65535 (recorded in the output)
+    upscale: float = 1.0  # --upscale (an int in test.py)
+    min_size: int = 1024  # --min_size: short side of the *processing* size, not of the output
+    color_fix_type: ColorFix = "wavelet"  # --color_fix_type Wavelet / AdaIn / None
+    a_prompt: str = DEFAULT_POSITIVE_PROMPT  # --a_prompt, the quality prompt appended to the caption
+    n_prompt: str = DEFAULT_NEGATIVE_PROMPT  # --n_prompt
+    quality_first: bool = False  # not official: put the quality prompt before the caption
+    noise_device: str = "cpu"  # where the initial and churn noise are drawn; "cuda" = the official GPU stream
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_steps, int) or not 1 <= self.num_steps <= 1000:
+            raise ValueError(f"num_steps={self.num_steps!r}: use an integer number of steps in 1..1000")
+        if self.color_fix_type not in COLOR_FIXES:
+            raise ValueError(f"color_fix_type={self.color_fix_type!r}: choose one of {', '.join(COLOR_FIXES)}")
+        if not self.upscale > 0:
+            raise ValueError(f"upscale={self.upscale!r}: must be > 0 (1 keeps the input size)")
+        if not isinstance(self.min_size, int) or self.min_size < 0:
+            raise ValueError(f"min_size={self.min_size!r}: must be a non-negative integer number of pixels")
+        if self.s_churn < 0 or self.s_noise < 0:
+            raise ValueError(f"s_churn={self.s_churn}, s_noise={self.s_noise}: both must be >= 0")
+        if not isinstance(self.seed, int) or self.seed < -1 or self.seed >= 2**63:
+            raise ValueError(f"seed={self.seed!r}: use a non-negative integer, or -1 for a random seed")
+
+    def with_overrides(self, **overrides: Any) -> RestoreConfig:
+        """A copy with the given fields changed; None values are ignored (handy for CLI flags)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown restore setting(s) {unknown}; known: {sorted(names)}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def normalise_color_fix(name: str) -> str:
+    """'Wavelet' / 'AdaIn' / 'None' (test.py spellings) or lower case -> 'wavelet' / 'adain' / 'none'."""
+    key = str(name).lower()
+    if key not in _OFFICIAL_COLOR_FIX:
+        raise ValueError(f"colour fix {name!r}: choose one of Wavelet, AdaIn, None")
+    return _OFFICIAL_COLOR_FIX[key]
+
+
+OFFICIAL = RestoreConfig()
+
+RESTORE_PRESETS: dict[str, RestoreConfig] = {
+    # test.py defaults (current HEAD): the default.
+    "official": OFFICIAL,
+    # The paper's setting (§4 of the SUPIR paper, Algorithm 1): T = 100, constant CFG 7.5, τ_r = 4.
+    "paper": dataclasses.replace(OFFICIAL, num_steps=100, cfg_scale=7.5, use_linear_cfg=False, restore_cfg=4.0),
+    # README advice (2025-05-12) for quality: s_cfg 6, spt_linear_CFG 3, s_noise 1.02, s_stage2 0.93.
+    "quality": dataclasses.replace(OFFICIAL, cfg_scale=6.0, cfg_scale_start=3.0, s_noise=1.02, control_scale=0.93),
+    # README advice for fidelity: s_cfg 4, spt_linear_CFG 1, s_noise 1.01, s_stage2 1.0 (= test.py defaults).
+    "fidelity": dataclasses.replace(OFFICIAL, cfg_scale=4.0, cfg_scale_start=1.0, s_noise=1.01, control_scale=1.0),
+}
+
+
+def restore_preset(name: str) -> RestoreConfig:
+    """The preset called ``name`` (see `RESTORE_PRESETS`)."""
+    try:
+        return RESTORE_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(RESTORE_PRESETS)}") from None
+
+
+__all__ = [
+    "COLOR_FIXES", "ColorFix", "OFFICIAL", "RESTORE_PRESETS", "RestoreConfig", "normalise_color_fix",
+    "restore_preset",
+]
