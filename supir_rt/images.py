@@ -99,8 +99,8 @@ def open_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             old_limit = Image.MAX_IMAGE_PIXELS
-            # Our own limit is checked below from the header; Pillow's (2x its default) only if ours is lower.
-            Image.MAX_IMAGE_PIXELS = None if max_pixels is None or max_pixels > (old_limit or 0) else old_limit
+            # Our own limit replaces Pillow's; it is checked from the header, before any pixel is decoded.
+            Image.MAX_IMAGE_PIXELS = None
             try:
                 img = Image.open(path)
                 _check_pixels(path, img.size, max_pixels)
