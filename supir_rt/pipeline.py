@@ -313,6 +313,17 @@ def resolve_seed(seed: int) -> int:
     return random.randint(0, 65535) if seed == -1 else seed
 
 
+def noise_source(seed: int, device: str) -> NoiseSource:
+    """The run's `NoiseSource`, with a clear error for a noise device this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"noise_device {device!r} is not a device name; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"noise_device {device!r}: this machine has no CUDA GPU; use --noise-device cpu")
+    return NoiseSource(seed, device=dev)
+
+
 class Pipeline:
     """Holds the engines, the model configuration and the tokenizer; `run` composes the stages.
 
@@ -381,7 +392,7 @@ class Pipeline:
         if warning:
             log.warning("%s", warning)
         seed = resolve_seed(config.seed)
-        noise = NoiseSource(seed, device=config.noise_device)
+        noise = noise_source(seed, config.noise_device)
         lq = preprocess(image, sizes).to(self.device)
         first = stage1(self.engines, lq)
         x_center = encode_x_center(
@@ -412,6 +423,6 @@ def captioner_needs_image(captioner: Any) -> bool:
 __all__ = [
     "CAPTION_SHORT_SIDE", "NonFiniteOutputError", "Pipeline", "RestoreResult", "SIZE_CONDITIONING", "Sizes",
     "Stage1", "caption_image", "captioner_needs_image", "decode", "encode_prompt", "encode_x_center",
-    "engine_network", "join_caption", "postprocess", "prepare_condition", "preprocess", "processing_sizes",
+    "engine_network", "join_caption", "noise_source", "postprocess", "prepare_condition", "preprocess", "processing_sizes",
     "resolve_seed", "sample", "snap", "stage1",
 ]

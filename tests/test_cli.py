@@ -329,3 +329,26 @@ def test_tiny_random_end_to_end(tmp_path, capsys):
         assert img.size == (50, 40) and img.mode == "RGBA"
     meta = read_metadata(tmp_path / "out.png")
     assert meta["runtime"]["model"] == "tiny-random" and json.dumps(meta)
+
+
+def test_from_weights_loads_checkpoints_and_runs_mixed_precision(tmp_path):
+    """The torch path of `Restorer.from_weights`: meta build, diffusion networks in bf16, VAE/text in fp32,
+    strict loading from an SDXL-like and a SUPIR-like file (the tiny model's tensors split in two)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from supir_rt.model.supir import build_model
+
+    torch.manual_seed(0)
+    state = build_model(ModelConfig.tiny()).state_dict()
+    supir = {k: v.contiguous() for k, v in state.items() if k.startswith("model.control_model.")}
+    sdxl = {k: v.contiguous() for k, v in state.items() if k not in supir}
+    save_file(sdxl, tmp_path / "sdxl.safetensors")
+    save_file(supir, tmp_path / "supir.safetensors")
+    with Restorer.from_weights(tmp_path / "sdxl.safetensors", tmp_path / "supir.safetensors",
+                               config=ModelConfig.tiny(), dtype="bf16") as restorer:
+        assert restorer.engines["unet_adaptor"].dtype == torch.bfloat16
+        assert restorer.engines["vae_decoder"].dtype == torch.float32
+        out = restorer.restore(gradient_image(40, 30), RestoreConfig(num_steps=1, min_size=64))
+    assert out.image.size == (40, 30)
+    assert out.metadata["runtime"]["sdxl"] == "sdxl.safetensors"
