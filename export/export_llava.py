@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder precision(s) to write (default: int4; int8 is the safer CPU fallback)")
     p.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size along K (default 32)")
     p.add_argument("--accuracy-level", type=int, default=None, choices=[1, 2, 3, 4],
-                   help="MatMulNBits accuracy_level (4: int8 activations, faster and slightly lossier; default: unset)")
+                   help="MatMulNBits accuracy_level (4: int8 activations). Default: unset for int4 weights, 4 for int8 "
+                        "weights (ORT's 8-bit CPU kernel is very slow without it)")
     p.add_argument("--lm-head-bits", type=int, default=8, choices=[4, 8], help="bits for lm_head in int4 decoders (default 8)")
     p.add_argument("--skip-vision", action="store_true", help="keep the vision.onnx already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -44,8 +44,17 @@ class QuantConfig:
     """How int4/int8 decoders are quantized (symmetric, block-wise along K, ORT MatMulNBits)."""
 
     block_size: int = 32
-    accuracy_level: int | None = None  # MatMulNBits accuracy_level; 4 = int8 activations (faster, lossier)
+    # MatMulNBits accuracy_level (4 = int8 activations). None = automatic: unset for 4-bit weights
+    # (fp32 compute is the fast int4 path here) and 4 for 8-bit weights: on this AVX2 CPU with ORT 1.32
+    # the 8-bit kernel without it was measured 30-150x slower (0.8-5 s for a 4096x32064 lm_head at M=1,
+    # vs ~30 ms with level 4; benchmarks/RESULTS.md).
+    accuracy_level: int | None = None
     lm_head_bits: int = 8  # the output projection is quantized to 8 bits even for int4 decoders
+
+    def level(self, bits: int) -> int | None:
+        if self.accuracy_level is not None:
+            return self.accuracy_level
+        return 4 if bits == 8 else None
 
 
 def _versions() -> dict[str, str]:
@@ -179,7 +188,7 @@ def export_decoder(
     for i in range(n_layers):
         model = fill(layer_t, _layer_weights(ckpt, i, np_dtype))
         if bits:
-            model = quantize(model, bits, quant.block_size, quant.accuracy_level)
+            model = quantize(model, bits, quant.block_size, quant.level(bits))
         composer.add(
             model, f"layers.{i}/",
             {"hidden": "inputs_embeds" if i == 0 else f"hidden.{i}", "cos": "rope.cos", "sin": "rope.sin",
@@ -198,7 +207,7 @@ def export_decoder(
     del lm
     head_bits = min(quant.lm_head_bits, 8) if bits else None
     if bits and head_bits:
-        model = quantize(model, max(bits, head_bits), quant.block_size, quant.accuracy_level)
+        model = quantize(model, max(bits, head_bits), quant.block_size, quant.level(max(bits, head_bits)))
     composer.add(model, "head/", {"hidden": f"hidden.{n_layers}", "logits": "logits"})
     if bar is not None:
         bar.update(1)
@@ -216,7 +225,8 @@ def export_decoder(
         "bits": bits,
         "lm_head_bits": (max(bits, head_bits) if bits and head_bits else None),
         "block_size": quant.block_size if bits else None,
-        "accuracy_level": quant.accuracy_level if bits else None,
+        "accuracy_level": quant.level(bits) if bits else None,
+        "lm_head_accuracy_level": quant.level(max(bits, head_bits)) if bits and head_bits else None,
         "io_dtype": np_dtype.name,
     }
 
