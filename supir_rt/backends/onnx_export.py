@@ -42,7 +42,7 @@ Exporter = Literal["torchscript", "dynamo"]
 # Networks that compute in fp32 whatever the precision asked for: the SDXL VAE overflows in fp16.
 FP32_ALWAYS = frozenset({"dr_encoder", "vae_encoder", "vae_decoder"})
 # Symbol values of the tracing inputs: small, non-square, batch 1 (CFG batch 2).
-TRACE_DIMS = {"B": 1, "h": 16, "w": 24}
+TRACE_DIMS = {"B": 1, "h": 8, "w": 16}
 _ONNX_DTYPES = {torch.float32: 1, torch.int64: 7, torch.float16: 10}  # onnx.TensorProto elem types
 
 
@@ -173,6 +173,8 @@ def _trace_to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path
         # advanced indexing only ever sees non-negative indices (the argmax that picks CLIP's EOT).
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", message="The feature will be removed")  # its logging set-up
         if exporter == "torchscript":
             torch.onnx.export(module, args, str(path), dynamo=False, do_constant_folding=True, **kwargs)
         elif exporter == "dynamo":
@@ -214,7 +216,7 @@ def _move_graph(src: Path, target: Path, spec: NetworkSpec) -> None:
     exporter writes one file per tensor above 2 GB) are streamed, one tensor at a time, into a single
     ``<target>.data``."""
     import onnx
-    from onnx.external_data_helper import set_external_data, uses_external_data
+    from onnx.external_data_helper import uses_external_data
 
     model = onnx.load(str(src), load_external_data=False)
     _declare_io(model.graph, spec)
@@ -235,7 +237,9 @@ def _move_graph(src: Path, target: Path, spec: NetworkSpec) -> None:
             offset += pad
             out.write(blob)
             del t.external_data[:]
-            set_external_data(t, location=data.name, offset=offset, length=len(blob))
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(blob)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
             t.data_location = onnx.TensorProto.EXTERNAL
             offset += len(blob)
     onnx.save_model(model, str(target))
