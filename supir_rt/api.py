@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +165,11 @@ class Restorer:
         """Open exported engines (no PyTorch model is built)."""
         config = config or ModelConfig.official()
         backend = _pick_backend(backend, engines_dir, "cpu")
+        if backend.startswith("torch"):
+            raise SetupError(
+                f"backend {backend!r} runs the PyTorch model from checkpoint files, not exported engines; "
+                "install onnxruntime (pip install 'supir-rt[onnx]') to run --engines-dir, or pass --sdxl/--supir"
+            )
         engines = _open_artifact_engines(backend, config, engines_dir, dtype)
         desc = {"backend": backend, "dtype": dtype, "model": config.name, "engines_dir": str(engines_dir)}
         return cls(engines, config, description=desc, **kwargs)
@@ -196,7 +201,7 @@ class Restorer:
                     f"--tiny-random with --backend {backend} is not available yet: the ONNX exporter "
                     "(supir_rt.backends.onnx_export) is not installed; use --backend torch"
                 ) from None
-            out = Path(engines_dir) if engines_dir else Path(tempfile.mkdtemp(prefix="supir-rt-tiny-"))
+            out = Path(engines_dir) if engines_dir else tiny_engines_cache()
             export_all(model, out, precision=dtype, progress=False, reuse=True)
             engines = _open_artifact_engines(backend, config, out, dtype)
             desc["engines_dir"] = str(out)
@@ -311,6 +316,12 @@ class Restorer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def tiny_engines_cache() -> Path:
+    """Where ``tiny_random`` exports its ONNX engines when no folder is given (reused across runs)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "supir-rt" / "tiny-random-engines"
 
 
 def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | torch.device) -> str:

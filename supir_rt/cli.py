@@ -18,7 +18,7 @@ from typing import Any
 
 from supir_rt.api import SDXL_FILE, SUPIR_FILES, SetupError
 from supir_rt.images import OUTPUT_FORMATS, ImageError, check_output_path, check_writable_folder, is_image_file
-from supir_rt.restore_config import COLOR_FIXES, RESTORE_PRESETS, RestoreConfig, normalise_color_fix, restore_preset
+from supir_rt.restore_config import RESTORE_PRESETS, RestoreConfig, normalise_color_fix, restore_preset
 
 log = logging.getLogger("supir_rt")
 

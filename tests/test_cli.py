@@ -352,3 +352,18 @@ def test_from_weights_loads_checkpoints_and_runs_mixed_precision(tmp_path):
         out = restorer.restore(gradient_image(40, 30), RestoreConfig(num_steps=1, min_size=64))
     assert out.image.size == (40, 30)
     assert out.metadata["runtime"]["sdxl"] == "sdxl.safetensors"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("SUPIR_RT_RUN_SLOW"),
+                    reason="minutes on 2 CPU cores; set SUPIR_RT_RUN_SLOW=1 to run")
+def test_tiny_random_reference_sizes_for_real(tmp_path, capsys):
+    """§4.2's example with the real tiny networks: 300x400 -> processed 1024x1344 -> 300x400."""
+    src = tmp_path / "in.png"
+    gradient_image(300, 400).save(src)
+    code, _, err = run(["restore", src, "-o", tmp_path / "out.png", "--tiny-random", "--steps", 1,
+                        "--min-size", 1024, "-q"], capsys)
+    assert code == 0, err
+    meta = read_metadata(tmp_path / "out.png")
+    assert meta["processing_size"] == [1024, 1344] and meta["output_size"] == [300, 400]
+    assert Image.open(tmp_path / "out.png").size == (300, 400)
