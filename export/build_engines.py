@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--official-random", action="store_true",
                      help="the official architecture with random weights (for export/engine tests)")
     src.add_argument("--sdxl", type=Path, help="SDXL base checkpoint (e.g. sd_xl_base_1.0_0.9vae.safetensors)")
+    src.add_argument("--contract", choices=("official", "tiny"),
+                     help="print the engine I/O contract (Markdown, from the specs) for a configuration and exit")
     p.add_argument("--supir", type=Path, help="SUPIR checkpoint (SUPIR-v0Q.ckpt or SUPIR-v0F.ckpt); with --sdxl")
     p.add_argument("--options", type=Path, help="an official options YAML (default: SUPIR_v0 built in)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
@@ -95,6 +97,13 @@ def trt_ranges(args: argparse.Namespace) -> dict[str, DimRange]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if args.contract:
+        from supir_rt.backends.manifest import contract_markdown
+        from supir_rt.backends.specs import network_specs
+
+        config = ModelConfig.official() if args.contract == "official" else ModelConfig.tiny()
+        print(contract_markdown(network_specs(config)), end="")
+        return 0
     t0 = time.perf_counter()
     if args.trt or args.trt_only:  # fail before the long export, with the reason
         sys.path.insert(0, str(Path(__file__).resolve().parent))

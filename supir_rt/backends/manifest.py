@@ -175,3 +175,20 @@ def check_manifest(artifact: Path, *, spec: NetworkSpec, config: ModelConfig, pr
         raise ArtifactError(f"{artifact} does not match what the runtime expects: " + "; ".join(problems)
                             + f"; {fix}")
     return man
+
+
+# ------------------------------------------------------------------------------ documented contract
+
+def contract_markdown(specs: Mapping[str, NetworkSpec], ranges: Mapping[str, DimRange] = DEFAULT_RANGES) -> str:
+    """The engine I/O contract as Markdown tables, generated from the specs (engines/README.md)."""
+    lines = []
+    for spec in specs.values():
+        lines += [f"### `{spec.name}`", "", spec.doc, "", "| direction | name | dtype | shape |", "|---|---|---|---|"]
+        for direction, tensors in (("input", spec.inputs), ("output", spec.outputs)):
+            for t in tensors:
+                shape = ", ".join(str(d) for d in t.shape)
+                lines.append(f"| {direction} | `{t.name}` | {str(t.dtype).removeprefix('torch.')} | ({shape}) |")
+        lines.append("")
+    lines.append("Default symbol ranges (TensorRT min / opt / max): "
+                 + ", ".join(f"`{k}` {r.min} / {r.opt} / {r.max}" for k, r in ranges.items()) + ".")
+    return "\n".join(lines) + "\n"
