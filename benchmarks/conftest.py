@@ -691,6 +691,39 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_line(f"run saved to {rec.path}")
 
 
+class FallbackBenchmark:
+    """Stand-in for pytest-benchmark's fixture where the plugin is not installed (e.g. a GPU box that
+    installs nothing): the same `pedantic` / `stats` / `extra_info` / `disabled` surface, timed with
+    perf_counter, nothing else."""
+
+    def __init__(self) -> None:
+        self.disabled, self.group, self.extra_info, self.stats = False, None, {}, None
+
+    def pedantic(self, target: Callable[[], Any], *, rounds: int = 1, warmup_rounds: int = 0,
+                 iterations: int = 1) -> None:
+        import statistics
+        from types import SimpleNamespace
+
+        for _ in range(warmup_rounds):
+            target()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(iterations):
+                target()
+            times.append((time.perf_counter() - t0) / iterations)
+        self.stats = SimpleNamespace(stats=SimpleNamespace(
+            median=statistics.median(times), mean=statistics.fmean(times), min=min(times), max=max(times),
+            stddev=statistics.stdev(times) if len(times) > 1 else 0.0, rounds=len(times)))
+
+
+if importlib.util.find_spec("pytest_benchmark") is None:
+
+    @pytest.fixture
+    def benchmark() -> FallbackBenchmark:
+        return FallbackBenchmark()
+
+
 class Kit:
     """The helpers test modules use, handed out as a fixture (conftest is not imported by name:
     `tests/` has a conftest too, and the module name would be ambiguous)."""

@@ -250,6 +250,18 @@ def plot(runs: Sequence[dict[str, Any]], path: Path, peak_override: float | None
 # ------------------------------------------------------------------------------------- documents
 
 
+def merged_table(runs: Sequence[dict[str, Any]], peak_override: float | None = None) -> str:
+    """Every case of every run in one table (ratios are computed within each run first)."""
+    rows: list[dict[str, Any]] = []
+    machine: dict[str, Any] = {}
+    for run in runs:
+        cases = [dict(c) for c in run.get("cases", [])]
+        add_reference_ratios(cases)
+        rows += cases
+        machine = machine or run.get("machine", {})
+    return markdown_table(rows, machine, peak_override)
+
+
 def results_block(runs: Iterable[dict[str, Any]], peak_override: float | None = None) -> str:
     parts = []
     for run in runs:
@@ -293,9 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, help="write the latency/utilisation plot (PNG) here")
     ap.add_argument("--results-md", type=Path, help="update the generated block of this RESULTS.md")
     ap.add_argument("--peak-tflops", type=float, help="GPU dense peak to use when the GPU is not in the table")
+    ap.add_argument("--one-table", action="store_true", help="print every run's cases as one table (stdout)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = load_runs(args.runs)
+    if args.one_table:
+        sys.stdout.write("\n\n".join(describe_run(r) for r in runs) + "\n\n" + merged_table(runs, args.peak_tflops) + "\n")
+        return 0
     block = results_block(runs, args.peak_tflops)
     if args.markdown:
         args.markdown.write_text(block + "\n")

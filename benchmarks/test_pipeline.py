@@ -114,7 +114,11 @@ def test_restore(benchmark, backend: str, precision: str, latent: tuple[int, int
         pytest.skip(str(skip))
 
     t0 = time.perf_counter()
-    out = pipe.run(image, config, caption="").image
+    try:
+        out = pipe.run(image, config, caption="").image
+    except RuntimeError as err:  # e.g. NonFiniteOutputError: fp16 overflow
+        recorder.add({**case, "status": "error", "reason": f"{type(err).__name__}: {err}"})
+        raise
     kit.sync(opts.device)
     case["first_call_s"] = time.perf_counter() - t0
     diff = np.abs(out.astype(np.int16) - refs[latent].astype(np.int16))
