@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from supir_rt.backends import EngineBase, register_backend
-from supir_rt.backends.manifest import check_manifest, onnx_name
+from supir_rt.backends.manifest import PRECISIONS, check_manifest, onnx_name
 from supir_rt.backends.specs import NETWORKS, NetworkSpec, network_specs
 from supir_rt.config import ModelConfig
 
@@ -113,6 +113,8 @@ def open_onnxruntime_engines(
     Each artifact's manifest must match `config`'s spec and `precision` (see `check_manifest`);
     unknown keyword arguments (e.g. `model=` meant for the torch backend) are ignored.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: ONNX artifacts are built as {' or '.join(PRECISIONS)}")
     specs = network_specs(config)
     artifact_dir = Path(artifact_dir)
     providers = CPU_PROVIDERS if providers is None else providers

@@ -77,6 +77,11 @@ def test_precision_mismatch(tiny_config, artifact_dir):
     assert "--precision fp16" in str(err.value)
 
 
+def test_unsupported_precision(tiny_config, artifact_dir):
+    with pytest.raises(ValueError, match="precision 'bf16': ONNX artifacts are built as fp32 or fp16"):
+        _open(tiny_config, artifact_dir, precision="bf16")
+
+
 def test_manifest_spec_edited(tiny_config, artifact_dir):
     path = manifest_path(artifact_dir / onnx_name(NET, "fp32"))
     man = Manifest.read(path)
