@@ -101,7 +101,7 @@ def _gib(n: int | None) -> str:
 
 def _shape(c: dict[str, Any]) -> str:
     h, w = c.get("latent") or (0, 0)
-    batch = c.get("unet_batch") or c.get("batch")
+    batch = c.get("batch") if c.get("suite") == "restore" else c.get("unet_batch") or c.get("batch")
     if c.get("network") == "text_encoders":
         return f"77 tokens, batch {batch}"
     return f"{h}x{w} ({8 * h}x{8 * w} px), batch {batch}"
@@ -129,6 +129,9 @@ def _note(c: dict[str, Any]) -> str:
         notes.append(f"computes in {c['compute_dtype']}")
     if c.get("first_call_s") and c.get("timing") and c["first_call_s"] > 5 * c["timing"]["median_s"] + 1:
         notes.append(f"first call {c['first_call_s']:.0f} s")
+    cores = c.get("_cores")
+    if cores and c.get("load_avg_1m_after") and c["load_avg_1m_after"] > cores and not c.get("device", "").startswith("cuda"):
+        notes.append(f"CPU contended (load {c['load_avg_1m_after']:.1f} on {cores} cores)")
     if c.get("export_s"):
         notes.append(f"export {c['export_s']:.0f} s")
     return "; ".join(notes)
@@ -149,6 +152,7 @@ def markdown_table(cases: Sequence[dict[str, Any]], machine: dict[str, Any], pea
     head.append("notes")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cases:
+        c = {**c, "_cores": machine.get("cpu_cores")}
         t = c.get("timing") or {}
         par = c.get("parity") or {}
         err = f"{par['rel_err']:.1e} ({par['tolerance']:g})" if par else "–"
