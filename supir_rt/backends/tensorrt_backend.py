@@ -43,7 +43,8 @@ class TrtEngine(EngineBase):
         super().__init__(spec, torch.device("cuda", torch.cuda.current_device()), validate=validate)
         self.path = Path(plan)
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(self.path.read_bytes())
+        self._runtime = trt.Runtime(self._logger)  # must outlive the engine
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {self.path} (built with another version or GPU?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -79,7 +80,7 @@ class TrtEngine(EngineBase):
         return outputs
 
     def close(self) -> None:
-        self.context = self.engine = None
+        self.context = self.engine = self._runtime = None
         self._out_buffers.clear()
         super().close()
 
