@@ -284,9 +284,11 @@ def update_results_md(path: Path, block: str) -> None:
         head, rest = text.split(MARK_START, 1)
         tail = rest.split(MARK_END, 1)[1]
         text = head + generated + tail
-    elif "## Benchmarks (issue 6)" in text:
+    elif "## Benchmarks (issue 6)" in text:  # at the end of the section, after its prose
         head, tail = text.split("## Benchmarks (issue 6)", 1)
-        text = head + "## Benchmarks (issue 6)\n\n" + generated + "\n" + tail
+        cut = tail.find("\n## ")
+        body, rest = (tail, "") if cut < 0 else (tail[:cut], tail[cut:])
+        text = head + "## Benchmarks (issue 6)" + body.rstrip() + "\n\n" + generated + "\n" + rest
     else:
         text = text.rstrip() + "\n\n## Benchmarks (issue 6)\n\n" + generated + "\n"
     path.write_text(text)
