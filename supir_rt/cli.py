@@ -435,10 +435,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LowerLevelFormatter("%(message)s"))
     root = logging.getLogger("supir_rt")
+    saved = root.handlers[:], root.level, root.propagate
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     root.propagate = False
-    return args.func(args)
+    try:
+        return args.func(args)
+    finally:  # the CLI's logging lasts as long as the command: embedding processes keep theirs
+        root.handlers[:], root.propagate = saved[0], saved[2]
+        root.setLevel(saved[1])
 
 
 if __name__ == "__main__":  # pragma: no cover
