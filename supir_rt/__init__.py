@@ -1,13 +1,24 @@
 """supir-rt: a fast, faithful inference runtime for SUPIR image restoration.
 
-Public API: model configs (`ModelConfig`), the reference model (`build_model`), checkpoint loading
-(`load_checkpoints`). Heavier parts (pipeline, engines, captioning) live in their modules.
+Public API:
+* the reference model: `ModelConfig`, `build_model`, `load_checkpoints` (official checkpoints, unchanged);
+* restoring: `Restorer` (load once, restore many), `RestoreConfig` and its presets, `Pipeline`;
+* errors users see: `CheckpointError`, `ImageError`, `SetupError`, `NonFiniteOutputError`.
+Engines (`supir_rt.backends`) and captioning (`supir_rt.caption`) live in their packages.
 """
 
+from supir_rt.api import Restored, Restorer, SetupError
 from supir_rt.config import ModelConfig
+from supir_rt.images import ImageError
 from supir_rt.model.supir import SUPIRModel, build_model
+from supir_rt.pipeline import NonFiniteOutputError, Pipeline, RestoreResult
+from supir_rt.restore_config import RESTORE_PRESETS, RestoreConfig, restore_preset
 from supir_rt.weights import CheckpointError, load_checkpoints
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ModelConfig", "SUPIRModel", "build_model", "load_checkpoints", "__version__"]
+__all__ = [
+    "CheckpointError", "ImageError", "ModelConfig", "NonFiniteOutputError", "Pipeline", "RESTORE_PRESETS",
+    "RestoreConfig", "RestoreResult", "Restored", "Restorer", "SUPIRModel", "SetupError", "build_model",
+    "load_checkpoints", "restore_preset", "__version__",
+]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from supir_rt.backends import Engine
+from supir_rt.caption import check_truncation, join_prompt
 from supir_rt.colorfix import color_fix
 from supir_rt.config import ModelConfig
 from supir_rt.denoiser import ControlScale, EpsDenoiser, GuidedDenoiser, LinearCFG, Network
@@ -207,23 +208,6 @@ def caption_image(engines: Mapping[str, Engine], image: Image.Image, upscale: fl
 # --------------------------------------------------------------------------------------------------
 
 
-def join_caption(caption: str, quality_prompt: str, quality_first: bool = False) -> str:
-    """Caption + quality prompt, joined with no separator as the official code (or quality first)."""
-    try:
-        from supir_rt.caption import join_prompt
-    except ImportError:  # pragma: no cover - the caption package ships with supir_rt
-        return quality_prompt + (" " + caption if caption else "") if quality_first else caption + quality_prompt
-    return join_prompt(caption, quality_prompt, quality_first=quality_first)
-
-
-def truncation_warning(prompt: str, quality_prompt: str, tokenizer: Any) -> str | None:
-    try:
-        from supir_rt.caption import check_truncation
-    except ImportError:  # pragma: no cover
-        return None
-    return check_truncation(prompt, tokenizer, quality_prompt=quality_prompt or None)
-
-
 def encode_prompt(
     engines: Mapping[str, Engine], tokenizer: Any, prompt: str, config: ModelConfig, device: torch.device
 ) -> dict[str, torch.Tensor]:
@@ -387,8 +371,8 @@ class Pipeline:
         sizes = processing_sizes(*image.size, config.upscale, config.min_size)
         if caption is None:
             caption = self.caption(image, config, captioner, source)
-        prompt = join_caption(caption, config.a_prompt, config.quality_first)
-        warning = truncation_warning(prompt, config.a_prompt, self.tokenizer)
+        prompt = join_prompt(caption, config.a_prompt, quality_first=config.quality_first)
+        warning = check_truncation(prompt, self.tokenizer, quality_prompt=config.a_prompt or None)
         if warning:
             log.warning("%s", warning)
         seed = resolve_seed(config.seed)
@@ -423,6 +407,6 @@ def captioner_needs_image(captioner: Any) -> bool:
 __all__ = [
     "CAPTION_SHORT_SIDE", "NonFiniteOutputError", "Pipeline", "RestoreResult", "SIZE_CONDITIONING", "Sizes",
     "Stage1", "caption_image", "captioner_needs_image", "decode", "encode_prompt", "encode_x_center",
-    "engine_network", "join_caption", "noise_source", "postprocess", "prepare_condition", "preprocess", "processing_sizes",
+    "engine_network", "noise_source", "postprocess", "prepare_condition", "preprocess", "processing_sizes",
     "resolve_seed", "sample", "snap", "stage1",
 ]
