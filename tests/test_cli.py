@@ -354,9 +354,7 @@ def test_from_weights_loads_checkpoints_and_runs_mixed_precision(tmp_path):
     assert out.metadata["runtime"]["sdxl"] == "sdxl.safetensors"
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not __import__("os").environ.get("SUPIR_RT_RUN_SLOW"),
-                    reason="minutes on 2 CPU cores; set SUPIR_RT_RUN_SLOW=1 to run")
+@pytest.mark.slow  # ~35 s on 2 quiet CPU cores: the tiny VAE at 1024x1344
 def test_tiny_random_reference_sizes_for_real(tmp_path, capsys):
     """§4.2's example with the real tiny networks: 300x400 -> processed 1024x1344 -> 300x400."""
     src = tmp_path / "in.png"
