@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from supir_rt.backends.specs import NETWORKS, NetworkSpec, validate_feed
+from supir_rt.backends.specs import NETWORKS, NetworkSpec, TensorSpec, validate_feed
 
 __all__ = ["Engine", "EngineBase", "BACKENDS", "register_backend", "available_backends", "open_engines",
            "resolve_backend", "NETWORKS"]
@@ -43,6 +43,28 @@ class EngineBase:
         self.spec, self.device, self.validate = spec, torch.device(device), validate
         self.float_dtype = float_dtype  # dtype float inputs must have (None: the spec's, fp32)
         self.closed = False
+        self._out_buffers: dict[str, torch.Tensor] = {}
+
+    def _staged_inputs(self, feed: Mapping[str, torch.Tensor]) -> list[tuple[TensorSpec, torch.Tensor]]:
+        """Each input as a contiguous tensor of the spec's dtype on the engine's device, in spec order.
+        Converted copies are returned so that the caller keeps them alive for the whole run."""
+        staged = []
+        for s in self.spec.inputs:
+            t = feed[s.name]
+            if t.dtype != s.dtype or t.device != self.device or not t.is_contiguous():
+                t = t.to(device=self.device, dtype=s.dtype).contiguous()
+            staged.append((s, t))
+        return staged
+
+    def _output_buffers(self, dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        """Preallocated outputs for these symbol values, reused while the shapes stay the same (the
+        reason returned tensors belong to the engine until its next `infer`)."""
+        for s in self.spec.outputs:
+            shape = s.resolve(dims)
+            buf = self._out_buffers.get(s.name)
+            if buf is None or tuple(buf.shape) != shape:
+                self._out_buffers[s.name] = torch.empty(shape, dtype=s.dtype, device=self.device)
+        return {s.name: self._out_buffers[s.name] for s in self.spec.outputs}
 
     def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.closed:
@@ -55,6 +77,7 @@ class EngineBase:
         raise NotImplementedError
 
     def close(self) -> None:
+        self._out_buffers.clear()
         self.closed = True
 
     def __enter__(self):

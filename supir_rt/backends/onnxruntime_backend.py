@@ -66,7 +66,6 @@ class OrtEngine(EngineBase):
         self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=providers)
         self._check_session_io()
         self._ort_device = ("cuda", self.device.index or 0) if on_gpu else ("cpu", 0)
-        self._out_buffers: dict[str, torch.Tensor] = {}
 
     def _check_session_io(self) -> None:
         got = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
@@ -77,21 +76,13 @@ class OrtEngine(EngineBase):
     def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dims = self.spec.infer_dims(feed)
         binding = self.session.io_binding()
-        keep = []  # contiguous copies must outlive the run
-        for s in self.spec.inputs:
-            t = feed[s.name]
-            if t.dtype != s.dtype or t.device != self.device or not t.is_contiguous():
-                t = t.to(device=self.device, dtype=s.dtype).contiguous()
-            keep.append(t)
+        staged = self._staged_inputs(feed)  # converted copies must outlive the run
+        for s, t in staged:
             binding.bind_input(s.name, *self._ort_device, _NUMPY_TYPES[s.dtype], tuple(t.shape), t.data_ptr())
-        outputs = {}
+        outputs = self._output_buffers(dims)
         for s in self.spec.outputs:
-            shape = s.resolve(dims)
-            buf = self._out_buffers.get(s.name)
-            if buf is None or tuple(buf.shape) != shape:
-                buf = self._out_buffers[s.name] = torch.empty(shape, dtype=s.dtype, device=self.device)
-            binding.bind_output(s.name, *self._ort_device, _NUMPY_TYPES[s.dtype], shape, buf.data_ptr())
-            outputs[s.name] = buf
+            buf = outputs[s.name]
+            binding.bind_output(s.name, *self._ort_device, _NUMPY_TYPES[s.dtype], tuple(buf.shape), buf.data_ptr())
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
         self.session.run_with_iobinding(binding)
@@ -99,7 +90,6 @@ class OrtEngine(EngineBase):
 
     def close(self) -> None:
         self.session = None
-        self._out_buffers.clear()
         super().close()
 
 

@@ -52,26 +52,16 @@ class TrtEngine(EngineBase):
         if sorted(names) != sorted(want):
             raise RuntimeError(f"{self.path}: plan tensors {names} differ from the {spec.name} spec {want}")
         self.context = self.engine.create_execution_context()
-        self._out_buffers: dict[str, torch.Tensor] = {}
 
     def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dims = self.spec.infer_dims(feed)
-        keep = []  # converted inputs must outlive the run (we synchronise before returning)
-        for s in self.spec.inputs:
-            t = feed[s.name]
-            if t.dtype != s.dtype or t.device != self.device or not t.is_contiguous():
-                t = t.to(device=self.device, dtype=s.dtype).contiguous()
-            keep.append(t)
+        staged = self._staged_inputs(feed)  # converted inputs must outlive the run (we synchronise before returning)
+        for s, t in staged:
             self.context.set_input_shape(s.name, tuple(t.shape))
             self.context.set_tensor_address(s.name, t.data_ptr())
-        outputs = {}
-        for s in self.spec.outputs:
-            shape = s.resolve(dims)
-            buf = self._out_buffers.get(s.name)
-            if buf is None or tuple(buf.shape) != shape:
-                buf = self._out_buffers[s.name] = torch.empty(shape, dtype=s.dtype, device=self.device)
-            self.context.set_tensor_address(s.name, buf.data_ptr())
-            outputs[s.name] = buf
+        outputs = self._output_buffers(dims)
+        for name, buf in outputs.items():
+            self.context.set_tensor_address(name, buf.data_ptr())
         stream = torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT execution of {self.path.name} failed for shapes "
@@ -81,7 +71,6 @@ class TrtEngine(EngineBase):
 
     def close(self) -> None:
         self.context = self.engine = self._runtime = None
-        self._out_buffers.clear()
         super().close()
 
 
