@@ -72,25 +72,6 @@ def _warn_precision(device: torch.device, dtype: torch.dtype) -> None:
         log.warning("fp16 on CPU is very slow (about 70x slower than fp32 in PyTorch); use --dtype fp32 on CPU")
 
 
-def build_torch_engines(model: torch.nn.Module) -> dict[str, Engine]:
-    """Torch engines over ``model``; when the diffusion networks have another dtype than the VAE and text
-    encoders (``--dtype fp16``), each engine runs in its own module's dtype."""
-    dtypes = {p.dtype for p in model.parameters()}
-    if len(dtypes) == 1:
-        return open_engines("torch", model=model)
-    from supir_rt.backends.modules import NETWORK_MODULES
-    from supir_rt.backends.specs import network_specs
-    from supir_rt.backends.torch_backend import TorchEngine
-
-    specs = network_specs(model.config)
-    engines: dict[str, Engine] = {}
-    for name, cls in NETWORK_MODULES.items():
-        module = cls(model)
-        p = next(module.parameters())
-        engines[name] = TorchEngine(module, specs[name], p.device, p.dtype)
-    return engines
-
-
 def _cast_diffusion(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """UNet + control model in ``dtype``; VAE and text encoders stay as they are (fp32): the SDXL VAE
     overflows in fp16 (reference §10.27)."""
@@ -154,7 +135,7 @@ class Restorer:
             _cast_diffusion(model, dt)
             model = model.to_empty(device=dev)
             load_checkpoints(model, sdxl=sdxl, supir=supir)
-            engines = build_torch_engines(model)
+            engines = open_engines("torch", model=model)
         else:
             engines = _open_artifact_engines(backend, config, engines_dir, dtype)
         return cls(engines, config, description=desc, **kwargs)
@@ -192,7 +173,7 @@ class Restorer:
                 "weights_seed": seed}
         if backend.startswith("torch"):
             _cast_diffusion(model, dt)
-            engines = build_torch_engines(model)
+            engines = open_engines("torch", model=model)
         else:
             try:
                 from supir_rt.backends.onnx_export import export_all
@@ -349,6 +330,6 @@ def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str |
 
 
 __all__ = [
-    "DTYPES", "Restored", "Restorer", "SDXL_FILE", "SUPIR_FILES", "SetupError", "build_torch_engines",
+    "DTYPES", "Restored", "Restorer", "SDXL_FILE", "SUPIR_FILES", "SetupError",
     "check_device", "parse_dtype",
 ]

@@ -31,11 +31,16 @@ class TorchEngine(EngineBase):
 
 
 def open_torch_engines(*, model: SUPIRModel, validate: bool = True, **_: object) -> dict[str, TorchEngine]:
-    """Engines over an already-built (and loaded) reference model, on its device and dtype."""
-    p = next(model.parameters())
+    """Engines over an already-built (and loaded) reference model. Each network runs on the device and
+    in the dtype of its own parameters, so a model whose diffusion networks were cast to fp16/bf16 while
+    the VAE and text encoders stay fp32 (SUPIR's precision split) works as it is."""
     specs = network_specs(model.config)
-    return {name: TorchEngine(cls(model), specs[name], p.device, p.dtype, validate=validate)
-            for name, cls in NETWORK_MODULES.items()}
+    engines = {}
+    for name, cls in NETWORK_MODULES.items():
+        module = cls(model)
+        p = next(module.parameters())
+        engines[name] = TorchEngine(module, specs[name], p.device, p.dtype, validate=validate)
+    return engines
 
 
 register_backend("torch", lambda: None, open_torch_engines)
