@@ -359,7 +359,7 @@ class ModelHost:
         part.to_empty(device=self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.opts.seed * 10 + _OWNER_SEEDS[owner])
-            supir_model._initialise(part)  # the model's own random init (build_model's), per part
+            supir_model.initialise_random(part)  # the model's own random init (build_model's), per part
         self.resident.add(owner)
 
     def release(self, owner: str) -> None:

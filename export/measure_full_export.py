@@ -49,7 +49,7 @@ NEEDS = {"unet_adaptor": "model", "text_encoders": "conditioner", "dr_encoder": 
 
 
 def export_full(out: Path, precision: str, networks: list[str]) -> dict:
-    from supir_rt.model.supir import _initialise, build_model  # the same random init as build_model
+    from supir_rt.model.supir import initialise_random, build_model  # the same random init as build_model
 
     config = ModelConfig.official()
     record: dict = {"precision": precision, "torch_threads": torch.get_num_threads(), "networks": {}}
@@ -58,7 +58,7 @@ def export_full(out: Path, precision: str, networks: list[str]) -> dict:
     model = build_model(config, device="meta", dtype=torch.float16)
     for attr in sorted({NEEDS[n] for n in networks}):  # allocate only what the exported networks use
         setattr(model, attr, getattr(model, attr).to_empty(device="cpu"))
-        _initialise(getattr(model, attr))
+        initialise_random(getattr(model, attr))
     record["build_model_s"] = round(time.perf_counter() - t0, 1)
     record["rss_after_build_gib"] = round(rss_gib(), 2)
     log.info("model built in %.0f s, RSS %.1f GiB", record["build_model_s"], rss_gib())
@@ -115,13 +115,13 @@ def compare_cpu(config: ModelConfig, out: Path, networks: list[str], latents: li
     from supir_rt.backends.onnx_export import export_all
     from supir_rt.backends.onnxruntime_backend import open_onnxruntime_engines
     from supir_rt.backends.torch_backend import TorchEngine
-    from supir_rt.model.supir import _initialise, build_model
+    from supir_rt.model.supir import initialise_random, build_model
 
     torch.manual_seed(0)
     model = build_model(config, device="meta")
     for attr in sorted({NEEDS[n] for n in networks}):
         setattr(model, attr, getattr(model, attr).to_empty(device="cpu"))
-        _initialise(getattr(model, attr))
+        initialise_random(getattr(model, attr))
     export_all(model, out, networks=networks, reuse=True, source={"kind": "random-init", "seed": 0})
     specs = network_specs(config)
     rows = []

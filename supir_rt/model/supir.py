@@ -62,7 +62,7 @@ class SUPIRModel(nn.Module):
         return self.model(x_in, t, cond["crossattn"], cond["vector"], cond["control"], control_scale)
 
 
-def _initialise(module: nn.Module) -> None:
+def initialise_random(module: nn.Module) -> None:
     """Default PyTorch init for every module that has one; N(0, 0.02) for other direct parameters."""
     for sub in module.modules():
         if hasattr(sub, "reset_parameters"):
@@ -90,5 +90,5 @@ def build_model(
     if torch.device(device).type != "meta":
         model = model.to_empty(device=device)
         if init:
-            _initialise(model)
+            initialise_random(model)
     return model.eval().requires_grad_(False)
