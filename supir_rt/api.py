@@ -312,7 +312,7 @@ def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | to
     if backend == "auto" and engines_dir is None:
         return "torch"
     try:
-        return resolve_backend(backend)
+        return resolve_backend(backend, needs_artifacts=engines_dir is not None)
     except (RuntimeError, ValueError) as err:
         raise SetupError(str(err)) from None
 

@@ -121,10 +121,13 @@ def available_backends() -> dict[str, str | None]:
 
 
 def resolve_backend(name: str, *, needs_artifacts: bool = False) -> str:
-    """Validate a backend name; `auto` picks the first available of AUTO_ORDER."""
+    """Validate a backend name; `auto` picks the first available of AUTO_ORDER (with `needs_artifacts`,
+    only backends that run exported engines: the PyTorch ones need the checkpoints instead)."""
     status = available_backends()
     if name == "auto":
         for candidate in AUTO_ORDER:
+            if needs_artifacts and candidate.startswith("torch"):
+                continue
             if candidate in status and status[candidate] is None:
                 return candidate
         raise RuntimeError(f"no backend is available: {status}")

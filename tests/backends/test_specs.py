@@ -71,3 +71,15 @@ def test_engines_readme_documents_the_generated_contract(official):
     assert contract_markdown(official) in readme, (
         "engines/README.md is out of date: regenerate its contract section with "
         "`python export/build_engines.py --contract official`")
+
+
+def test_auto_with_engines_never_picks_a_torch_backend(monkeypatch):
+    """On a GPU machine without TensorRT/onnxruntime-gpu, `auto` over an engines folder must not pick
+    torch-cuda (which needs checkpoints, not engines)."""
+    import supir_rt.backends as backends
+
+    status = {"tensorrt": "absent", "onnxruntime-cuda": "absent", "torch-cuda": None, "onnxruntime": None,
+              "torch": None}
+    monkeypatch.setattr(backends, "available_backends", lambda: status)
+    assert backends.resolve_backend("auto") == "torch-cuda"
+    assert backends.resolve_backend("auto", needs_artifacts=True) == "onnxruntime"
