@@ -26,8 +26,8 @@ import torch
 
 from supir_rt.config import ModelConfig
 from supir_rt.model.supir import build_model
+from supir_rt.weights import SUPIR_KEY_PREFIXES
 
-SUPIR_PREFIXES = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
 _ST_DTYPES = {torch.float16: "F16", torch.float32: "F32"}
 
 
@@ -55,11 +55,11 @@ def write_files(directory: Path) -> tuple[Path, Path]:
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     sdxl_path, supir_path = directory / "sd_xl_base_1.0_0.9vae.safetensors", directory / "SUPIR-v0Q.ckpt"
     if not sdxl_path.exists():
-        write_safetensors_streaming({k: s for k, s in shapes.items() if not k.startswith(SUPIR_PREFIXES)},
+        write_safetensors_streaming({k: s for k, s in shapes.items() if not k.startswith(SUPIR_KEY_PREFIXES)},
                                     sdxl_path, torch.float16)
     if not supir_path.exists():
         g = torch.Generator().manual_seed(1)
-        sd = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items() if k.startswith(SUPIR_PREFIXES)}
+        sd = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items() if k.startswith(SUPIR_KEY_PREFIXES)}
         sd["model.control_model.mask_LQ"] = torch.zeros(1, 4, 64, 64)
         torch.save(sd, supir_path)
     return sdxl_path, supir_path

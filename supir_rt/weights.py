@@ -31,6 +31,10 @@ TOLERATED_EXTRA_KEYS = (
     "model.control_model.mask_LQ",  # in SUPIR-v0Q/v0F, read by nothing
     "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",  # older transformers
 )
+# What the SUPIR-v0Q/v0F file carries (reference doc §3.2); everything else comes from the SDXL file.
+SUPIR_KEY_PREFIXES = (
+    "model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.",
+)
 # Keys that identify each file, to tell a swapped or foreign file apart from a damaged one.
 SDXL_MARKER = "model.diffusion_model.input_blocks.0.0.weight"
 SUPIR_MARKER = "model.control_model.input_hint_block.0.weight"

@@ -10,14 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from supir_rt.model.supir import build_model
-from supir_rt.weights import CheckpointError, load_checkpoints
+from supir_rt.weights import SUPIR_KEY_PREFIXES, CheckpointError, load_checkpoints
 
-SUPIR_PREFIXES = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
 
 
 def split_official(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """Split a full state dict the way the official files are split (reference doc §3.1-3.2)."""
-    supir = {k: v for k, v in state.items() if k.startswith(SUPIR_PREFIXES)}
+    supir = {k: v for k, v in state.items() if k.startswith(SUPIR_KEY_PREFIXES)}
     sdxl = {k: v for k, v in state.items() if k not in supir}
     supir["model.control_model.mask_LQ"] = torch.zeros(1, 4, 64, 64)  # the unused extra tensor
     return sdxl, supir

@@ -12,6 +12,8 @@ the hot loop. Backends register by name; `open_engines` picks one (`auto` = fast
 
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,7 +35,7 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-class EngineBase:
+class EngineBase(abc.ABC):
     """Shared lifecycle and validation; subclasses implement `_run(feed) -> dict`."""
 
     backend = "base"
@@ -73,8 +75,9 @@ class EngineBase:
             validate_feed(self.spec, feed, float_dtype=self.float_dtype)
         return self._run(feed)
 
-    def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the validated feed; outputs may be the engine's reused buffers."""
 
     def close(self) -> None:
         self._out_buffers.clear()
