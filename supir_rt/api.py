@@ -29,6 +29,7 @@ from supir_rt.config import ModelConfig
 from supir_rt.images import (
     DEFAULT_MAX_PIXELS, ImageError, LoadedImage, check_output_path, from_pil, load_image, save_image,
 )
+from supir_rt.memory import TilingError, TilingPlan
 from supir_rt.pipeline import Pipeline, RestoreResult
 from supir_rt.restore_config import RestoreConfig
 from supir_rt.sampler import StepInfo
@@ -212,24 +213,14 @@ class Restorer:
             raise TypeError(f"restore() takes a PIL image, a LoadedImage or a path, got {type(image).__name__}")
         for note in loaded.notes:
             log.info("%s: %s", source or "image", note)
-        self._check_size(loaded, config, source)
-        step_cb = callback
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=config.num_steps, desc="steps", unit="step", leave=False, disable=None)
-
-            def step_cb(info: StepInfo) -> None:
-                bar.update(1)
-                if callback is not None:
-                    callback(info)
+        plan = self._check_size(loaded, config, source)
+        bars = _PhaseBars() if self.progress else None
         try:
             result = self.pipeline.run(loaded.rgb, config, caption=caption, captioner=self.captioner,
-                                       source=source, callback=step_cb)
+                                       source=source, callback=callback, progress=bars, tiling=plan)
         finally:
-            if bar is not None:
-                bar.close()
+            if bars is not None:
+                bars.close()
         out = Image.fromarray(result.image, "RGB")
         if loaded.alpha is not None:
             out.putalpha(loaded.alpha.resize(out.size, Image.Resampling.BICUBIC))
@@ -264,11 +255,13 @@ class Restorer:
             "negative_prompt": result.negative_prompt,
             "processing_size": list(result.sizes.processing),
             "output_size": list(result.sizes.output),
+            "tiling": result.tiling,
             "source": source.name if source is not None else None,
             "runtime": self.description,
         }
 
-    def _check_size(self, loaded: LoadedImage, config: RestoreConfig, source: Path | None) -> None:
+    def _check_size(self, loaded: LoadedImage, config: RestoreConfig, source: Path | None) -> TilingPlan:
+        """Size limits and the tiling plan, checked before any work (bad tiling settings raise here)."""
         from supir_rt.pipeline import processing_sizes
 
         name = source or "image"
@@ -283,6 +276,10 @@ class Restorer:
                 f"{pw}x{ph} px, above the limit of {self.max_processing_pixels:,} pixels; lower --upscale, "
                 "downscale the input, or raise the limit (Restorer(max_processing_pixels=...))"
             )
+        try:
+            return self.pipeline.plan_tiling(sizes, config)
+        except TilingError as err:
+            raise ImageError(f"{name}: {err}") from None
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -297,6 +294,30 @@ class Restorer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _PhaseBars:
+    """One tqdm bar per progress phase (sampler steps or tiles x steps, tiled VAE passes), opened when
+    the phase starts and closed when the next one starts."""
+
+    def __init__(self) -> None:
+        self.phase: str | None = None
+        self.bar = None
+
+    def __call__(self, phase: str, n: int, total: int) -> None:
+        if phase != self.phase or self.bar is None or self.bar.n >= self.bar.total:
+            self.close()
+            from tqdm import tqdm
+
+            unit = "step" if phase == "sampling" else "tile"
+            self.bar = tqdm(total=total, desc=phase, unit=unit, leave=False, disable=None)
+            self.phase = phase
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.phase = None, None
 
 
 def tiny_engines_cache() -> Path:

@@ -18,7 +18,9 @@ from typing import Any
 
 from supir_rt.api import SDXL_FILE, SUPIR_FILES, SetupError
 from supir_rt.images import OUTPUT_FORMATS, ImageError, check_output_path, check_writable_folder, is_image_file
-from supir_rt.restore_config import RESTORE_PRESETS, RestoreConfig, normalise_color_fix, restore_preset
+from supir_rt.restore_config import (
+    RESTORE_PRESETS, TILINGS, VAE_TILING_MODES, RestoreConfig, normalise_color_fix, restore_preset,
+)
 
 log = logging.getLogger("supir_rt")
 
@@ -208,6 +210,22 @@ def _color_fix(value: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _memory(value: str) -> float:
+    """``12``, ``12G``, ``12GiB``, ``512M`` -> GiB."""
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = 1.0
+    if text.endswith(("g", "m")):
+        scale = 1.0 if text.endswith("g") else 1 / 1024
+        text = text[:-1]
+    try:
+        gib = float(text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a memory size; use GiB like 12 or 12G, or 512M") from None
+    if not gib > 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: use a positive size, e.g. 12G")
+    return gib
+
+
 def add_restore_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "restore",
@@ -250,6 +268,25 @@ def add_restore_parser(subparsers: Any) -> None:
     s.add_argument("--noise-device", dest="noise_device",
                    help="draw the sampler noise on this device; cuda reproduces an official GPU run (default cpu)")
 
+    t = p.add_argument_group("tiling and memory (docs/tiling.md)")
+    t.add_argument("--tiling", choices=TILINGS, default=None,
+                   help="auto (default): tile the sampler and/or the VAE only when the untiled run would not fit "
+                        "--max-memory; on: always tile; off: never")
+    t.add_argument("--tile-size", type=int, dest="tile_size", metavar="PX",
+                   help="sampler tile side in image px, multiple of 64 (1024, the official tiled sampler's)")
+    t.add_argument("--tile-stride", type=int, dest="tile_stride", metavar="PX",
+                   help="sampler tile stride in image px, multiple of 8, at most the tile size (512)")
+    t.add_argument("--tile-batch", type=int, dest="tile_batch", metavar="N",
+                   help="sampler tiles per network call (1); more is faster on a GPU with memory to spare")
+    t.add_argument("--vae-tile-size", type=int, dest="vae_tile_size", metavar="PX",
+                   help="tiled VAE tile side in image px, multiple of 64 (512)")
+    t.add_argument("--vae-tiling", choices=VAE_TILING_MODES, dest="vae_tiling", default=None,
+                   help="exact (default: equal to the untiled VAE up to float rounding), official (the official "
+                        "--use_tile_vae output), none (never tile the VAE)")
+    t.add_argument("--max-memory", type=_memory, dest="max_memory_gb", metavar="GIB",
+                   help="working-memory budget for --tiling auto, in GiB (e.g. 12 or 12G; default: what the "
+                        "device has free)")
+
     c = p.add_argument_group("captions (the official default runs LLaVA; here the default is no caption)")
     c.add_argument("--caption", default=None, help="use TEXT as the caption of every image")
     c.add_argument("--captioner", choices=("none", "text", "sidecar", "llava"), default=None,
@@ -282,6 +319,7 @@ SETTING_FLAGS = (
     "num_steps", "cfg_scale", "cfg_scale_start", "use_linear_cfg", "control_scale", "control_scale_start",
     "use_linear_control_scale", "restore_cfg", "s_churn", "s_noise", "seed", "upscale", "min_size",
     "color_fix_type", "a_prompt", "n_prompt", "quality_first", "noise_device",
+    "tiling", "tile_size", "tile_stride", "tile_batch", "vae_tile_size", "vae_tiling", "max_memory_gb",
 )
 
 

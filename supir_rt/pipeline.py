@@ -46,9 +46,12 @@ from supir_rt.denoiser import ControlScale, EpsDenoiser, GuidedDenoiser, LinearC
 from supir_rt.model.text import size_vector
 from supir_rt.model.vae import DiagonalGaussian
 from supir_rt.noise import NoiseSource
+from supir_rt.memory import TilingPlan, plan_tiling
 from supir_rt.restore_config import RestoreConfig
-from supir_rt.sampler import StepInfo, initial_latent, sample_restore_edm
-from supir_rt.schedule import legacy_ddpm_sigmas, restore_sigmas
+from supir_rt.sampler import StepInfo, initial_latent, sample_dpmpp_2m_sde, sample_restore_edm
+from supir_rt.schedule import dpmpp_sigmas, legacy_ddpm_sigmas, restore_sigmas
+from supir_rt.tiling import TileGuidedDenoiser, sample_dpmpp_2m_sde_tiled, sample_restore_edm_tiled
+from supir_rt.vae_tiling import PhaseProgress, tiled_vae_engines, torch_vae
 
 log = logging.getLogger(__name__)
 
@@ -246,16 +249,46 @@ def sample(
     config: RestoreConfig,
     model_config: ModelConfig,
     callback: Callable[[StepInfo], None] | None = None,
+    *,
+    tiling: TilingPlan | None = None,
+    progress: PhaseProgress | None = None,
 ) -> torch.Tensor:
-    """Initial noise (one draw), then `sample_restore_edm` with linear CFG and the control-scale schedule."""
+    """Initial noise (one draw), then `sample_restore_edm` with linear CFG and the control-scale schedule;
+    with a ``tiling`` plan whose sampler is tiled, the tiled sampler (`supir_rt.tiling`) instead, over
+    the same denoiser stack, reporting ``progress("sampling tiles", n, steps × tiles)``."""
     control_latent = cond["control"]
     table = legacy_ddpm_sigmas(model_config.denoiser_config).to(control_latent.device)
-    sigmas = restore_sigmas(config.num_steps, table)
+    dpmpp = getattr(config, "sampler", "edm") == "dpmpp2m-sde"
+    sigmas = dpmpp_sigmas(config.num_steps, table) if dpmpp else restore_sigmas(config.num_steps, table)
     cfg = (LinearCFG(scale=config.cfg_scale_start, scale_min=config.cfg_scale) if config.use_linear_cfg
            else LinearCFG.constant(config.cfg_scale))
-    control = ControlScale(config.control_scale, config.use_linear_control_scale, config.control_scale_start)
-    denoiser = GuidedDenoiser(EpsDenoiser(engine_network(engines["unet_adaptor"]), table), cond, uncond, cfg, control)
+    control = (ControlScale(config.control_scale) if dpmpp else
+               ControlScale(config.control_scale, config.use_linear_control_scale, config.control_scale_start))
+    network = EpsDenoiser(engine_network(engines["unet_adaptor"]), table)
     x = initial_latent(noise.randn_like(control_latent), sigmas)
+    if tiling is not None and tiling.sampler_tiled:
+        denoise = TileGuidedDenoiser(network, cond, uncond, cfg, control)
+        total = config.num_steps * tiling.tiles
+        tick = None if progress is None else (lambda n: progress("sampling tiles", n, total))
+        options = dict(lq_latent=control_latent, noise=noise.randn_like, tile=tiling.tile, stride=tiling.stride,
+                       tile_batch=tiling.tile_batch, callback=callback, progress=tick)
+        if dpmpp:
+            return sample_dpmpp_2m_sde_tiled(denoise, x, sigmas, s_noise=config.s_noise, **options)
+        return sample_restore_edm_tiled(
+            denoise, x, sigmas, x_center=x_center, restore_cfg=config.restore_cfg,
+            restore_cfg_s_tmin=config.restore_cfg_s_tmin, s_churn=config.s_churn, s_noise=config.s_noise, **options)
+    if progress is not None:
+        user_callback = callback
+
+        def callback(info: StepInfo) -> None:
+            progress("sampling", 1, config.num_steps)
+            if user_callback is not None:
+                user_callback(info)
+
+    denoiser = GuidedDenoiser(network, cond, uncond, cfg, control)
+    if dpmpp:
+        return sample_dpmpp_2m_sde(denoiser, x, sigmas, s_noise=config.s_noise, noise=noise.randn_like,
+                                   callback=callback)
     return sample_restore_edm(
         denoiser, x, sigmas, x_center=x_center, restore_cfg=config.restore_cfg,
         restore_cfg_s_tmin=config.restore_cfg_s_tmin, s_churn=config.s_churn, s_noise=config.s_noise,
@@ -290,6 +323,7 @@ class RestoreResult:
     prompt: str
     negative_prompt: str
     config: RestoreConfig
+    tiling: dict[str, Any] | None = None  # what was tiled (`TilingPlan.as_metadata`)
 
 
 def resolve_seed(seed: int) -> int:
@@ -336,6 +370,19 @@ class Pipeline:
         self._prompts: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
 
+    def plan_tiling(self, sizes: Sizes, config: RestoreConfig) -> TilingPlan:
+        """The tiling of a restore at ``sizes`` (`supir_rt.memory.plan_tiling`): raises `TilingError` for
+        settings that cannot work, before any work is done."""
+        unet = self.engines["unet_adaptor"]
+        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(getattr(unet, "dtype", torch.float32), "fp32")
+        return plan_tiling(
+            self.model_config, sizes.processing, tiling=config.tiling, tile_size=config.tile_size,
+            tile_stride=config.tile_stride, tile_batch=config.tile_batch, vae_tile_size=config.vae_tile_size,
+            vae_tiling_mode=config.vae_tiling, max_memory_gb=config.max_memory_gb, device=self.device, dtype=dtype,
+            backend=getattr(unet, "backend", "torch"), vae_tiling_available=torch_vae(self.engines) is not None,
+            default_tile_size=RestoreConfig.tile_size,
+        )
+
     def embed(self, prompt: str) -> dict[str, torch.Tensor]:
         """Text conditioning of one prompt, computed once and cached."""
         if prompt in self._prompts:
@@ -366,9 +413,22 @@ class Pipeline:
         captioner: Any = None,
         source: Path | None = None,
         callback: Callable[[StepInfo], None] | None = None,
+        progress: PhaseProgress | None = None,
+        tiling: TilingPlan | None = None,
     ) -> RestoreResult:
-        """Restore one RGB image; returns the uint8 result at upscale × input size."""
+        """Restore one RGB image; returns the uint8 result at upscale × input size.
+
+        ``tiling``: a plan from `plan_tiling` (computed here when not given); ``progress(phase, n,
+        total)`` is told about sampler steps / tiles and tiled VAE passes."""
         sizes = processing_sizes(*image.size, config.upscale, config.min_size)
+        tiling = tiling or self.plan_tiling(sizes, config)
+        log.info("tiling %s: %s", config.tiling, tiling.describe())
+        for note in tiling.notes:
+            log.info("%s", note)
+        engines = self.engines
+        if tiling.vae_tiled:
+            engines = {**engines, **tiled_vae_engines(engines, tile_px=tiling.vae_tile_px, mode=tiling.vae_tiling,
+                                                      progress=progress)}
         if caption is None:
             caption = self.caption(image, config, captioner, source)
         prompt = join_prompt(caption, config.a_prompt, quality_first=config.quality_first)
@@ -378,17 +438,18 @@ class Pipeline:
         seed = resolve_seed(config.seed)
         noise = noise_source(seed, config.noise_device)
         lq = preprocess(image, sizes).to(self.device)
-        first = stage1(self.engines, lq)
+        first = stage1(engines, lq)
         x_center = encode_x_center(
-            self.engines, first.image, noise, self.model_config.first_stage_config.scale_factor,
+            engines, first.image, noise, self.model_config.first_stage_config.scale_factor,
             needed=config.restore_cfg > 0 or not self.skip_unused_work,
         )
         cond, uncond = prepare_condition(self.embed(prompt), self.embed(config.n_prompt), first.control_latent)
-        latent = sample(self.engines, cond, uncond, x_center, noise, config, self.model_config, callback)
-        restored = color_fix(decode(self.engines, latent), first.image, config.color_fix_type)
+        latent = sample(engines, cond, uncond, x_center, noise, config, self.model_config, callback,
+                        tiling=tiling, progress=progress)
+        restored = color_fix(decode(engines, latent), first.image, config.color_fix_type)
         return RestoreResult(
             image=postprocess(restored, sizes.output), sizes=sizes, seed=seed, caption=caption, prompt=prompt,
-            negative_prompt=config.n_prompt, config=config,
+            negative_prompt=config.n_prompt, config=config, tiling=tiling.as_metadata(),
         )
 
 

@@ -15,6 +15,10 @@ from typing import Any, Literal
 from supir_rt.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_POSITIVE_PROMPT
 
 ColorFix = Literal["wavelet", "adain", "none"]
+Tiling = Literal["auto", "on", "off"]
+TILINGS: tuple[str, ...] = ("auto", "on", "off")
+VAETilingMode = Literal["exact", "official", "none"]
+VAE_TILING_MODES: tuple[str, ...] = ("exact", "official", "none")
 COLOR_FIXES: tuple[str, ...] = ("wavelet", "adain", "none")
 # `test.py --color_fix_type` spellings accepted on input.
 _OFFICIAL_COLOR_FIX = {"wavelet": "wavelet", "adain": "adain", "none": "none"}
@@ -47,6 +51,15 @@ class RestoreConfig:
     n_prompt: str = DEFAULT_NEGATIVE_PROMPT  # --n_prompt
     quality_first: bool = False  # not official: put the quality prompt before the caption
     noise_device: str = "cpu"  # where the initial and churn noise are drawn; "cuda" = the official GPU stream
+    # Tiling (docs/tiling.md). auto: tile what would not fit the memory budget. The sampler tiles follow
+    # SUPIR_v0_tiled.yaml (1024 px tiles, 512 px stride); the tiled VAE is --use_tile_vae's, in exact mode.
+    tiling: Tiling = "auto"  # auto | on | off
+    tile_size: int = 1024  # sampler tile side, image px (multiple of 64; 128 latent px)
+    tile_stride: int = 512  # sampler tile stride, image px (multiple of 8, 8..tile_size)
+    tile_batch: int = 1  # sampler tiles per network call (the engine's 2B batch = 2 x tile_batch)
+    vae_tile_size: int = 512  # tiled VAE core tile, image px (multiple of 64)
+    vae_tiling: VAETilingMode = "exact"  # exact | official (the official tiled VAE) | none (VAE never tiled)
+    max_memory_gb: float | None = None  # budget for tiling auto; None = what the device has free
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_steps, int) or not 1 <= self.num_steps <= 1000:
@@ -61,6 +74,24 @@ class RestoreConfig:
             raise ValueError(f"s_churn={self.s_churn}, s_noise={self.s_noise}: both must be >= 0")
         if not isinstance(self.seed, int) or self.seed < -1 or self.seed >= 2**63:
             raise ValueError(f"seed={self.seed!r}: use a non-negative integer, or -1 for a random seed")
+        self._check_tiling()
+
+    def _check_tiling(self) -> None:
+        if self.tiling not in TILINGS:
+            raise ValueError(f"tiling={self.tiling!r} (--tiling): choose one of {', '.join(TILINGS)}")
+        if self.vae_tiling not in VAE_TILING_MODES:
+            raise ValueError(f"vae_tiling={self.vae_tiling!r} (--vae-tiling): choose one of {', '.join(VAE_TILING_MODES)}")
+        if not isinstance(self.tile_size, int) or self.tile_size < 64 or self.tile_size % 64:
+            raise ValueError(f"tile_size={self.tile_size!r} (--tile-size): use a multiple of 64 px, e.g. 1024")
+        if not isinstance(self.tile_stride, int) or not 8 <= self.tile_stride <= self.tile_size or self.tile_stride % 8:
+            raise ValueError(f"tile_stride={self.tile_stride!r} (--tile-stride): use a multiple of 8 px between 8 and "
+                             f"the tile size {self.tile_size}, e.g. {self.tile_size // 2 // 8 * 8 or 8}")
+        if not isinstance(self.tile_batch, int) or self.tile_batch < 1:
+            raise ValueError(f"tile_batch={self.tile_batch!r} (--tile-batch): use an integer >= 1, e.g. 1")
+        if not isinstance(self.vae_tile_size, int) or self.vae_tile_size < 64 or self.vae_tile_size % 64:
+            raise ValueError(f"vae_tile_size={self.vae_tile_size!r} (--vae-tile-size): use a multiple of 64 px, e.g. 512")
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise ValueError(f"max_memory_gb={self.max_memory_gb!r} (--max-memory): use a positive number of GiB, e.g. 16")
 
     def with_overrides(self, **overrides: Any) -> RestoreConfig:
         """A copy with the given fields changed; None values are ignored (handy for CLI flags)."""
@@ -105,6 +136,6 @@ def restore_preset(name: str) -> RestoreConfig:
 
 
 __all__ = [
-    "COLOR_FIXES", "ColorFix", "OFFICIAL", "RESTORE_PRESETS", "RestoreConfig", "normalise_color_fix",
+    "COLOR_FIXES", "ColorFix", "OFFICIAL", "TILINGS", "Tiling", "VAE_TILING_MODES", "VAETilingMode", "RESTORE_PRESETS", "RestoreConfig", "normalise_color_fix",
     "restore_preset",
 ]

@@ -466,3 +466,84 @@ __all__ = [
     "check_vae_tile", "decoder_halo", "decoder_passes", "decoder_walk", "encoder_halo", "encoder_passes",
     "encoder_walk", "exact_tiles", "official_tiles", "tiled_decode", "tiled_encode",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# the tiled VAE behind the Engine protocol (so the pipeline's stage functions do not change)
+# --------------------------------------------------------------------------------------------------
+
+PhaseProgress = Callable[[str, int, int], None]
+"""``progress(phase, n, total)``: n more of ``total`` units of ``phase`` are done."""
+
+
+class TiledVAEEngine:
+    """``dr_encoder`` / ``vae_encoder`` / ``vae_decoder`` with the engine's I/O contract, computed by the
+    tiled VAE over the PyTorch `AutoencoderKL` (the same operations as `supir_rt.backends.modules`:
+    quant_conv / post_quant_conv, posterior mean, scale factor, untiled around the tiled trunk)."""
+
+    backend = "torch-tiled"
+
+    def __init__(self, name: str, spec, vae: nn.Module, scale: float, *, tile_px: int, mode: VAETiling,
+                 keep: int = 0, progress: PhaseProgress | None = None) -> None:
+        if name not in ("dr_encoder", "vae_encoder", "vae_decoder"):
+            raise ValueError(f"no tiled VAE for network {name!r}")
+        self.name, self.spec, self.vae, self.scale = name, spec, vae, scale
+        self.tile_px, self.mode, self.keep, self.progress = tile_px, mode, keep, progress
+        p = next(vae.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def _bar(self, phase: str, total: int) -> ProgressFn | None:
+        if self.progress is None:
+            return None
+        report = self.progress
+        return lambda n: report(phase, n, total)
+
+    @torch.inference_mode()
+    def infer(self, feed):
+        from supir_rt.model.vae import DiagonalGaussian
+
+        if self.name == "vae_decoder":
+            z = feed["latent"].to(self.device, self.dtype)
+            h, w = z.shape[-2:]
+            passes = decoder_passes(h, w, self.tile_px, self.mode, self.vae.decoder)
+            image = tiled_decode(self.vae.decoder, self.vae.post_quant_conv(z / self.scale), tile_px=self.tile_px,
+                                 mode=self.mode, keep=self.keep, progress=self._bar("VAE decode tiles", passes))
+            return {"image": image.float()}
+        image = feed["image"].to(self.device, self.dtype)
+        encoder = self.vae.denoise_encoder if self.name == "dr_encoder" else self.vae.encoder
+        passes = encoder_passes(image.shape[-2], image.shape[-1], self.tile_px, self.mode, encoder)
+        label = "DR encoder tiles" if self.name == "dr_encoder" else "VAE encode tiles"
+        moments = self.vae.quant_conv(tiled_encode(encoder, image, tile_px=self.tile_px, mode=self.mode,
+                                                   keep=self.keep, progress=self._bar(label, passes)))
+        if self.name == "dr_encoder":
+            return {"latent": (DiagonalGaussian.from_moments(moments).mode() * self.scale).float()}
+        return {"moments": moments.float()}
+
+    def close(self) -> None:
+        pass
+
+
+def torch_vae(engines) -> tuple[nn.Module, float] | None:
+    """The PyTorch `AutoencoderKL` and scale factor behind the torch backend's VAE engines, or None when
+    the VAE runs as an exported graph (ONNX Runtime, TensorRT), where it cannot be tiled layer by layer."""
+    module = getattr(engines.get("vae_decoder"), "module", None)
+    vae, scale = getattr(module, "vae", None), getattr(module, "scale", None)
+    if vae is None or scale is None or not hasattr(vae, "denoise_encoder"):
+        return None
+    return vae, float(scale)
+
+
+def tiled_vae_engines(engines, *, tile_px: int, mode: VAETiling, keep: int = 0,
+                      progress: PhaseProgress | None = None) -> dict:
+    """Tiled replacements for the three VAE engines of a torch-backend engine dict."""
+    found = torch_vae(engines)
+    if found is None:
+        raise ValueError("the tiled VAE needs the PyTorch VAE modules (backend torch); this backend runs the VAE "
+                         "as one exported graph: use --vae-tiling none or --backend torch")
+    vae, scale = found
+    return {name: TiledVAEEngine(name, engines[name].spec, vae, scale, tile_px=tile_px, mode=mode, keep=keep,
+                                 progress=progress)
+            for name in ("dr_encoder", "vae_encoder", "vae_decoder")}
+
+
+__all__ += ["PhaseProgress", "TiledVAEEngine", "tiled_vae_engines", "torch_vae"]
