@@ -1,0 +1,136 @@
+"""The memory policy and the tiling options end to end: auto/on/off decisions, bad input (one clear error,
+nothing written), metadata, and a 4096x3072 restore through the CLI with the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from supir_rt.cli import main
+from supir_rt.config import ModelConfig
+from supir_rt.memory import TilingError, plan_tiling, unet_bytes, vae_bytes
+from supir_rt.restore_config import RestoreConfig
+
+
+def _plan(processing=(2048, 1536), dtype="fp16", **overrides):
+    cfg = RestoreConfig(**overrides)
+    return plan_tiling(
+        ModelConfig.official(), processing, tiling=cfg.tiling, tile_size=cfg.tile_size, tile_stride=cfg.tile_stride,
+        tile_batch=cfg.tile_batch, vae_tile_size=cfg.vae_tile_size, vae_tiling_mode=cfg.vae_tiling,
+        max_memory_gb=cfg.max_memory_gb, device=torch.device("cpu"), dtype=dtype, backend="torch",
+        default_tile_size=RestoreConfig.tile_size)
+
+
+def test_auto_tiles_only_what_does_not_fit():
+    config = ModelConfig.official()
+    # estimates from the documented formulas: UNet 16 x 320 values per latent px x 2 (CFG) in fp16,
+    # VAE 6 x 128 float32 values per image px plus the mid block 8 x 512 per latent px
+    assert unet_bytes(config, 1, 192, 256, dtype="fp16", backend="torch") == 16 * 320 * 192 * 256 * 2 * 2
+    assert vae_bytes(config, 1536, 2048, backend="torch") == (6 * 128 * 1536 * 2048 + 8 * 512 * 192 * 256) * 4
+    big = _plan(max_memory_gb=1000)
+    assert not big.sampler_tiled and not big.vae_tiled
+    vae_only = _plan(max_memory_gb=8)  # UNet ~1 GB fits, VAE ~10 GB does not
+    assert not vae_only.sampler_tiled and vae_only.vae_tiled
+    # 4096x3072 in fp32: UNet ~8 GB untiled, ~0.7 GB per tile; VAE ~39 GB untiled, ~4.5 GB tiled
+    both = _plan(processing=(4096, 3072), dtype="fp32", max_memory_gb=6)
+    assert both.sampler_tiled and both.vae_tiled and both.tiles == 5 * 7  # 384x512 latent, 128/64
+    assert "sampler tiled (35 tiles of 1024x1024 px" in both.describe()
+
+
+def test_on_off_and_vae_none():
+    assert not _plan(tiling="off", max_memory_gb=0.001).sampler_tiled
+    on = _plan(tiling="on", vae_tiling="none")
+    assert on.sampler_tiled and not on.vae_tiled
+
+
+def test_budget_too_small_for_one_tile_names_the_options():
+    with pytest.raises(TilingError, match="--tile-batch.*--max-memory"):
+        _plan(tiling="on", max_memory_gb=0.01, vae_tiling="none")
+    with pytest.raises(TilingError, match="--vae-tile-size"):
+        _plan(tiling="on", max_memory_gb=1, tile_size=512, tile_stride=256)
+
+
+def test_tile_larger_than_image():
+    with pytest.raises(TilingError, match="--tile-size 2048 .* use at most 1536"):
+        _plan(tiling="on", tile_size=2048)
+    clamped = _plan(processing=(768, 512), tiling="on")  # the default tile is clamped, with a note
+    assert clamped.tile == (64, 96) and clamped.tiles == 1 and "clamped" in clamped.notes[0]
+
+
+def test_engine_backend_cannot_tile_the_vae():
+    with pytest.raises(TilingError, match="--vae-tiling none"):
+        plan_tiling(ModelConfig.official(), (2048, 2048), tiling="on", tile_size=1024, tile_stride=512, tile_batch=1,
+                    vae_tile_size=512, vae_tiling_mode="exact", max_memory_gb=None, device=torch.device("cpu"),
+                    dtype="fp32", backend="onnxruntime", vae_tiling_available=False)
+
+
+@pytest.mark.parametrize("field, value, option", [
+    ("tile_size", 1000, "--tile-size"), ("tile_stride", 0, "--tile-stride"), ("tile_stride", 2048, "--tile-stride"),
+    ("tile_stride", 100, "--tile-stride"), ("vae_tile_size", 500, "--vae-tile-size"), ("tile_batch", 0, "--tile-batch"),
+    ("tiling", "sometimes", "--tiling"), ("max_memory_gb", 0, "--max-memory"),
+])
+def test_bad_settings_name_the_option(field, value, option):
+    with pytest.raises(ValueError, match=option):
+        RestoreConfig(**{field: value})
+
+
+@pytest.fixture()
+def small_image(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--tile-stride", "0"], "--tile-stride"),
+    (["--tile-size", "100"], "--tile-size"),
+    (["--tiling", "on", "--tile-size", "512"], "--tile-size 512 is larger than the"),
+    (["--tiling", "on", "--max-memory", "1M", "--vae-tiling", "none", "--tile-size", "256", "--tile-stride", "128"],
+     "--max-memory"),
+    (["--max-memory", "lots"], "memory size"),
+])
+def test_cli_bad_tiling_input_is_one_error_and_nothing_written(small_image, tmp_path, capsys, flags, needle):
+    out = tmp_path / "out.png"
+    try:
+        rc = main(["restore", str(small_image), "-o", str(out), "--tiny-random", "--steps", "1", "--min-size", "256",
+                   "-q", *flags])
+    except SystemExit as exit_:  # argparse's own type errors
+        rc = exit_.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and err.count("error:") == 1
+    assert not out.exists()
+
+
+def test_cli_tiled_restore_records_tiling_in_metadata(small_image, tmp_path):
+    out = tmp_path / "out.png"
+    rc = main(["restore", str(small_image), "-o", str(out), "--tiny-random", "--steps", "1", "--min-size", "256",
+               "-q", "--tiling", "on", "--tile-size", "128", "--tile-stride", "64", "--vae-tile-size", "128"])
+    assert rc == 0
+    meta = json.loads(Image.open(out).info["supir-rt"])
+    assert meta["settings"]["tiling"] == "on" and meta["settings"]["tile_size"] == 128
+    assert meta["tiling"]["sampler_tiled"] and meta["tiling"]["vae_tiling"] == "exact"
+    assert meta["tiling"]["sampler_tiles"] == 3 * 5  # 256x384 px = 32x48 latent, tile 16, stride 8
+
+
+@pytest.mark.slow
+def test_cli_restores_4096x3072_tiled(tmp_path):
+    """A 4096x3072 output through the CLI with the tiny model: 1 step, the default 1024 px sampler tiles
+    (5 x 7 = 35 per step) and the official-mode tiled VAE. (Exact mode runs the VAE's mid-block attention
+    over the whole 512x384 latent, ~200k tokens, which takes minutes on one CPU core; its accuracy and
+    bounded memory are tested in test_vae_tiling.py at smaller sizes.)"""
+    src = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(1).random((768, 1024, 3)) * 255).astype(np.uint8)).save(src)
+    out = tmp_path / "out.png"
+    rc = main(["restore", str(src), "-o", str(out), "--tiny-random", "--steps", "1", "--upscale", "4", "-q",
+               "--tiling", "on", "--vae-tiling", "official", "--color-fix", "adain"])
+    assert rc == 0
+    image = Image.open(out)
+    assert image.size == (4096, 3072)
+    meta = json.loads(image.info["supir-rt"])
+    assert meta["processing_size"] == [4096, 3072] and meta["tiling"]["sampler_tiles"] == 35
+    assert np.asarray(image).std() > 0
