@@ -16,7 +16,9 @@ device, and err on the large side:
 * a VAE pass holds about ``6 × ch`` float32 values per image pixel at full resolution (the largest
   level: the resblock input kept for the residual, the norm and conv outputs, the upsample), and the
   mid block ``8 × ch_mult[-1] × ch`` per latent pixel; materialised attention adds tokens² values;
-* tiled, the same formulas apply to one tile (with its halo) plus the whole-latent part.
+* tiled, the same formulas apply to one tile (with its halo) plus the whole-latent part; what is left
+  of the budget keeps exact-mode VAE tiles in memory between passes (`kept_tile_bytes` each), which
+  saves their recomputation without changing the result.
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ def tiled_vae_bytes(config: ModelConfig, height: int, width: int, tile_px: int) 
     return (6 * vae.ch * side * side + 8 * vae.ch_mult[-1] * vae.ch * latent) * 4
 
 
+def kept_tile_bytes(config: ModelConfig, tile_px: int) -> int:
+    """Memory one suspended exact-mode VAE tile holds between passes: its activation and the residual
+    kept by the resblock it stopped in, about ``3 × ch`` float32 values per pixel of the tile with halo."""
+    side = tile_px + 2 * 64
+    return 3 * config.first_stage_config.ch * side * side * 4
+
+
 @dataclass(frozen=True)
 class TilingPlan:
     """What a restore will tile, and why (logged; stored in the metadata)."""
@@ -99,6 +108,7 @@ class TilingPlan:
     tile_batch: int = 1
     vae_tile_px: int = vae_tiling.DEFAULT_VAE_TILE_PX
     vae_tiling: str = "exact"
+    vae_keep: int = 0  # exact mode: tiles whose activations stay in memory between passes (speed for memory)
     budget_bytes: int = 0
     estimates: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -111,7 +121,8 @@ class TilingPlan:
                        f"{self.stride * LATENT_FACTOR} px, {self.tile_batch} per call)")
         else:
             sampler = "sampler untiled"
-        vae = f"VAE tiled ({self.vae_tiling}, {self.vae_tile_px} px tiles)" if self.vae_tiled else "VAE untiled"
+        kept = f", {self.vae_keep} kept between passes" if self.vae_tiled and self.vae_tiling == "exact" else ""
+        vae = f"VAE tiled ({self.vae_tiling}, {self.vae_tile_px} px tiles{kept})" if self.vae_tiled else "VAE untiled"
         return f"{sampler}, {vae}; {budget}"
 
     def as_metadata(self) -> dict[str, object]:
@@ -120,6 +131,7 @@ class TilingPlan:
                 "sampler_stride_px": self.stride * LATENT_FACTOR if self.sampler_tiled else None,
                 "sampler_tiles": self.tiles if self.sampler_tiled else None,
                 "vae_tiling": self.vae_tiling if self.vae_tiled else None,
+                "vae_tiles_kept": self.vae_keep if self.vae_tiled else None,
                 "budget_gib": round(self.budget_bytes / GiB, 2)}
 
 
@@ -160,7 +172,7 @@ def plan_tiling(
                 f"--tile-size {tile_size} is larger than the {width}x{height} px processing size; use at most "
                 f"{min(width, height) // 64 * 64} (a multiple of 64), or --tiling off")
     th, tw = (0, 0)
-    tiles = 1
+    tiles, vae_keep = 1, 0
     if sampler_tiled:
         (th, tw), stride, clamp_notes = plan_sampler_tiles(h, w, tile_latent, stride)
         notes.extend(clamp_notes)
@@ -182,12 +194,15 @@ def plan_tiling(
             raise TilingError(
                 f"one VAE tile of {vae_tile_size} px needs about {estimates['vae_tiled'] / GiB:.1f} GiB, more than the "
                 f"--max-memory budget of {budget / GiB:.1f} GiB; lower --vae-tile-size (e.g. 256) or raise --max-memory")
+        if vae_tiling_mode == "exact":  # spend what is left of the budget on keeping tiles between passes
+            vae_keep = int((budget - estimates["vae_tiled"]) // kept_tile_bytes(config, vae_tile_size))
     return TilingPlan(
         sampler_tiled=sampler_tiled, vae_tiled=vae_tiled, tile=(th, tw), stride=stride, tiles=tiles,
-        tile_batch=tile_batch, vae_tile_px=vae_tile_size, vae_tiling=vae_tiling_mode, budget_bytes=budget,
+        tile_batch=tile_batch, vae_tile_px=vae_tile_size, vae_tiling=vae_tiling_mode, vae_keep=vae_keep,
+        budget_bytes=budget,
         estimates=estimates, notes=tuple(notes),
     )
 
 
-__all__ = ["GiB", "TilingError", "TilingPlan", "available_memory", "plan_tiling", "tiled_vae_bytes", "unet_bytes",
+__all__ = ["GiB", "TilingError", "TilingPlan", "available_memory", "kept_tile_bytes", "plan_tiling", "tiled_vae_bytes", "unet_bytes",
            "vae_bytes"]

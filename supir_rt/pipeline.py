@@ -428,7 +428,7 @@ class Pipeline:
         engines = self.engines
         if tiling.vae_tiled:
             engines = {**engines, **tiled_vae_engines(engines, tile_px=tiling.vae_tile_px, mode=tiling.vae_tiling,
-                                                      progress=progress)}
+                                                      keep=tiling.vae_keep, progress=progress)}
         if caption is None:
             caption = self.caption(image, config, captioner, source)
         prompt = join_prompt(caption, config.a_prompt, quality_first=config.quality_first)

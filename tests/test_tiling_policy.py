@@ -134,3 +134,15 @@ def test_cli_restores_4096x3072_tiled(tmp_path):
     meta = json.loads(image.info["supir-rt"])
     assert meta["processing_size"] == [4096, 3072] and meta["tiling"]["sampler_tiles"] == 35
     assert np.asarray(image).std() > 0
+
+
+def test_spare_budget_keeps_exact_vae_tiles_between_passes():
+    from supir_rt.memory import kept_tile_bytes, tiled_vae_bytes
+
+    config = ModelConfig.official()
+    need = tiled_vae_bytes(config, 1536, 2048, 512)
+    per_tile = kept_tile_bytes(config, 512)
+    assert per_tile == 3 * 128 * 640 * 640 * 4
+    tight = _plan(tiling="on", vae_tiling="exact", max_memory_gb=(need + per_tile + 1) / 2**30)
+    assert tight.vae_keep == 1
+    assert _plan(tiling="on", vae_tiling="official", max_memory_gb=1000).vae_keep == 0
