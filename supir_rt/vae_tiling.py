@@ -76,8 +76,9 @@ def _norm(gn: nn.GroupNorm, h: torch.Tensor, zoom: float) -> _Walk:
 
 
 def _resblock(block: ResnetBlock, x: torch.Tensor, zoom: float) -> _Walk:
-    h = block.conv1(F.silu((yield from _norm(block.norm1, x, zoom))))
-    h = block.conv2(F.silu((yield from _norm(block.norm2, h, zoom))))
+    # the normalised tensors are fresh (`_apply_norm`), so SiLU may overwrite them
+    h = block.conv1(F.silu((yield from _norm(block.norm1, x, zoom)), inplace=True))
+    h = block.conv2(F.silu((yield from _norm(block.norm2, h, zoom)), inplace=True))
     return (block.nin_shortcut(x) if hasattr(block, "nin_shortcut") else x) + h
 
 
@@ -109,7 +110,7 @@ def encoder_walk(enc: Encoder, x: torch.Tensor, *, whole: bool) -> _Walk:
             h, zoom = stage.downsample(h), zoom / 2
     h = yield from _mid(enc.mid, h, zoom)
     h = yield from _norm(enc.norm_out, h, zoom)
-    return enc.conv_out(F.silu(h))
+    return enc.conv_out(F.silu(h, inplace=True))
 
 
 def encoder_tail(enc: Encoder, h: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,7 @@ def decoder_walk(dec: Decoder, z: torch.Tensor, *, whole: bool) -> _Walk:
         if hasattr(stage, "upsample"):
             h, zoom = stage.upsample(h), zoom * 2
     h = yield from _norm(dec.norm_out, h, zoom)
-    return dec.conv_out(F.silu(h))
+    return dec.conv_out(F.silu(h, inplace=True))
 
 
 def encoder_halo(enc: Encoder) -> int:
@@ -276,11 +277,10 @@ class _Pooled:
 def _apply_norm(gn: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """GroupNorm of x with given per-(batch, group) statistics, then the layer's affine."""
     b, c = x.shape[:2]
-    g = x.reshape(b, gn.num_groups, -1)
-    out = (g - mean[..., None]) * torch.rsqrt(var[..., None] + gn.eps)
-    out = out.reshape(x.shape)
+    out = x.reshape(b, gn.num_groups, -1) - mean[..., None]  # one new tensor, then in place
+    out.mul_(torch.rsqrt(var[..., None] + gn.eps))
     shape = (1, c) + (1,) * (x.ndim - 2)
-    return out * gn.weight.reshape(shape) + gn.bias.reshape(shape)
+    return out.reshape(x.shape).mul_(gn.weight.reshape(shape)).add_(gn.bias.reshape(shape))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,14 +364,14 @@ def _run_official(walk: Callable[[torch.Tensor], _Walk], x: torch.Tensor, tiles:
         weights = weights / weights.sum()
         mean = sum(m * wt for m, wt in zip(means, weights))
         var = sum(v * wt for v, wt in zip(variances, weights))
-        nxt: list[_Request | None] = []
-        for i, (gen, (gn_i, h, _)) in enumerate(zip(gens, requests)):
+        for i, gen in enumerate(gens):
+            gn_i, h, _ = requests[i]
+            requests[i] = None  # drop the pre-norm activation as soon as its tile has moved on
             try:
-                nxt.append(gen.send(_apply_norm(gn_i, h, mean, var)))
+                requests[i] = gen.send(_apply_norm(gn_i, h, mean, var))
             except StopIteration as done:
                 outputs[i] = done.value
-                nxt.append(None)
-        requests = nxt
+            del h
     result = None
     for tile, out in zip(tiles, outputs):
         if result is None:
