@@ -199,13 +199,14 @@ def build_plan(onnx_path: Path, out_dir: Path, *, config: ModelConfig, network: 
     builder, net, _parser = _parse(trt, logger, onnx_path, spec, build.strongly_typed)
     cfg, _ = _configure(trt, builder, network, spec, build)
     cache = TimingCache(out_dir / timing_cache_name(target.compute_capability, target.tensorrt))
-    _cache_ref = cache.attach(cfg)  # noqa: F841  (must outlive the build)
+    timing = cache.attach(cfg)  # must outlive the build
     log.info("building %s (minutes for the UNet)", plan.name)
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(net, cfg)
     if serialized is None:
         raise TensorRTError(f"TensorRT failed to build {plan.name}{logger.last_error()}; nothing was written")
     cache.save(cfg)
+    del timing
     data = bytes(serialized)
     manifest_path(plan).unlink(missing_ok=True)  # a crash below leaves a plan without manifest: refused, never trusted
     atomic_write_bytes(plan, data)

@@ -142,6 +142,10 @@ def _torch_dtypes(trt) -> dict[torch.dtype, Any]:
             torch.uint8: trt.DataType.UINT8, torch.bool: trt.DataType.BOOL}
 
 
+def _name(value: Any) -> str:
+    return getattr(value, "name", str(value))
+
+
 def make_logger(trt):
     """A TensorRT logger that forwards to `logging` and keeps the recent errors, so that a failed call
     can be reported with TensorRT's own reason."""
@@ -297,9 +301,9 @@ class TrtEngine(EngineBase):
                 if s.name not in names:
                     continue
                 if e.get_tensor_mode(s.name) != mode:
-                    problems.append(f"{s.name} is {e.get_tensor_mode(s.name)}, the spec says {mode}")
+                    problems.append(f"{s.name} is {_name(e.get_tensor_mode(s.name))}, the spec says {_name(mode)}")
                 if e.get_tensor_dtype(s.name) != dtypes[s.dtype]:
-                    problems.append(f"{s.name} is {e.get_tensor_dtype(s.name)}, the spec says {s.dtype}")
+                    problems.append(f"{s.name} is {_name(e.get_tensor_dtype(s.name))}, the spec says {s.dtype}")
                 shape = tuple(e.get_tensor_shape(s.name))
                 if len(shape) != len(s.shape) or any(isinstance(d, int) and d != g for d, g in zip(s.shape, shape)):
                     problems.append(f"{s.name} has shape {shape}, the spec says {s.shape}")

@@ -466,7 +466,7 @@ class ICudaEngine:
     def __init__(self, plan: dict, logger) -> None:
         self.plan, self.logger = plan, logger
         self.model = onnx.load_from_string(base64.b64decode(plan["model"]))
-        self.missing = set(_weights(self.model)) if plan["stripped"] else set()
+        self.missing = {i.name for i in self.model.graph.initializer} if plan["stripped"] else set()
         self.io = {n: (TensorIOMode.INPUT, DataType(d), tuple(s)) for n, d, s in plan["inputs"]}
         self.io.update({n: (TensorIOMode.OUTPUT, DataType(d), tuple(s)) for n, d, s in plan["outputs"]})
         self.names = [n for n, _, _ in plan["inputs"]] + [n for n, _, _ in plan["outputs"]]
