@@ -339,8 +339,10 @@ class TrtEngine(EngineBase):
                                 f"{list(refitter.get_missing_weights())[:5]}{self._shared.logger.last_error()}")
 
     def _set_weight_budget(self, budget: int) -> None:
-        got = self._shared.api.set_weight_budget(self.engine, budget)
-        if got != budget:
+        api = self._shared.api
+        got = api.set_weight_budget(self.engine, budget)
+        everything = api.v2 and budget >= self.engine.streamable_weights_size == got  # no streaming needed
+        if got != budget and not everything:
             raise TensorRTError(f"{self.path.name}: TensorRT did not accept the weight-streaming budget {budget} "
                                 f"bytes (it reports {got}){self._shared.logger.last_error()}")
         log.info("%s streams weights: %.2f GiB kept on the GPU", self.path.name, budget / 2**30)
@@ -357,9 +359,13 @@ class TrtEngine(EngineBase):
         index = select_profile(self.profiles, dims)
         if index is None:
             raise ProfileError(self._out_of_profile(dims))
-        with self._shared.cuda.use_stream(self._shared.stream):
-            outputs = {name: aligned_empty(shape, self.spec.output(name).dtype, self.device)
-                       for name, shape in self.spec.output_shapes(dims).items()}
+        try:
+            with self._shared.cuda.use_stream(self._shared.stream):
+                outputs = {name: aligned_empty(shape, self.spec.output(name).dtype, self.device)
+                           for name, shape in self.spec.output_shapes(dims).items()}
+        except torch.cuda.OutOfMemoryError:
+            raise TensorRTError(f"{self.spec.name}: not enough GPU memory for the outputs of a request with {dims}; "
+                                "use a smaller image or fewer images per request, or free GPU memory") from None
         slot = self._slots[key] = _Slot(key, index, outputs)
         while len(self._slots) > MAX_SHAPES:
             _, old = self._slots.popitem(last=False)
