@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--latent", type=int, nargs=3, metavar=("MIN", "OPT", "MAX"),
                    help=f"dynamic profile: latent height and width, pixels / 8 (default {_r('h')})")
     t.add_argument("--no-dynamic-profile", action="store_true", help="leave out the dynamic fallback profile")
-    t.add_argument("--static-latent", type=int, nargs="+", metavar="H [W]", default=[STATIC_LATENT],
-                   help=f"static profile for one image of this latent size (default {STATIC_LATENT}: 1024 px)")
+    t.add_argument("--static-latent", type=int, nargs="+", metavar="N", default=[STATIC_LATENT],
+                   help=f"static profile for one image of latent size H or H W (default {STATIC_LATENT}: 1024 px)")
     t.add_argument("--no-static-profile", action="store_true", help="leave out the static profile")
     t.add_argument("--tile-latent", type=int, default=SAMPLER_TILE_LATENT,
                    help=f"sampler tile profile: latent tile side (default {SAMPLER_TILE_LATENT})")
