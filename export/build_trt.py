@@ -93,8 +93,12 @@ class TimingCache:
         data = self.path.read_bytes() if self.path.is_file() else b""
         if not data:
             log.info("no timing cache at %s yet; this build starts one", self.path)
-        cache = config.create_timing_cache(data)
-        if cache is None or not config.set_timing_cache(cache, False):
+        try:
+            cache = config.create_timing_cache(data)
+            usable = cache is not None and config.set_timing_cache(cache, False)
+        except RuntimeError:  # a corrupt file
+            usable = False
+        if not usable:
             log.warning("timing cache %s does not fit this GPU/TensorRT (or is corrupt); starting a new one", self.path)
             cache = config.create_timing_cache(b"")
             if cache is None or not config.set_timing_cache(cache, False):

@@ -57,13 +57,14 @@ class Profile:
 
     name: str
     ranges: tuple[tuple[str, DimRange], ...]
+    networks: tuple[str, ...] | None = None  # the networks that get it (None: all)
 
     @classmethod
-    def of(cls, name: str, ranges: Mapping[str, DimRange]) -> Profile:
+    def of(cls, name: str, ranges: Mapping[str, DimRange], networks: tuple[str, ...] | None = None) -> Profile:
         for sym, r in ranges.items():
             if not 1 <= r.min <= r.opt <= r.max:
                 raise ValueError(f"profile {name!r}: {sym} range {r.min}/{r.opt}/{r.max} needs 1 <= min <= opt <= max")
-        return cls(name, tuple(sorted(ranges.items())))
+        return cls(name, tuple(sorted(ranges.items())), None if networks is None else tuple(networks))
 
     @property
     def range_map(self) -> dict[str, DimRange]:
@@ -71,7 +72,7 @@ class Profile:
 
     def restricted(self, symbols: set[str]) -> Profile:
         """The same profile over only the symbols a network uses."""
-        return Profile(self.name, tuple((k, r) for k, r in self.ranges if k in symbols))
+        return Profile(self.name, tuple((k, r) for k, r in self.ranges if k in symbols), self.networks)
 
     def contains(self, dims: Mapping[str, int]) -> bool:
         return all(r.min <= dims[k] <= r.max for k, r in self.ranges if k in dims)
@@ -92,19 +93,20 @@ class Profile:
         return f"{self.name} ({', '.join(parts)})"
 
     def to_json(self) -> dict:
-        return {"name": self.name, "ranges": {k: [r.min, r.opt, r.max] for k, r in self.ranges}}
+        data = {"name": self.name, "ranges": {k: [r.min, r.opt, r.max] for k, r in self.ranges}}
+        return data if self.networks is None else {**data, "networks": list(self.networks)}
 
     @classmethod
     def from_json(cls, data: Mapping) -> Profile:
-        return cls.of(data["name"], {k: DimRange(*v) for k, v in data["ranges"].items()})
+        return cls.of(data["name"], {k: DimRange(*v) for k, v in data["ranges"].items()}, data.get("networks"))
 
 
 def default_profiles(*, static_latent: tuple[int, int] | None = (STATIC_LATENT, STATIC_LATENT),
                      tile_latent: int | None = SAMPLER_TILE_LATENT, tile_batch: int = SAMPLER_TILE_BATCH,
                      dynamic: Mapping[str, DimRange] | None = DEFAULT_RANGES) -> tuple[Profile, ...]:
     """The profiles a plan is built with by default: a static one for the common 1024 px-class
-    request, one for the sampler tile (a batch of 1..`tile_batch` tiles), and a dynamic fallback.
-    Pass None to leave one out."""
+    request, one for the sampler tile (a batch of 1..`tile_batch` tiles; `unet_adaptor` only, the
+    network the tiled sampler calls), and a dynamic fallback. Pass None to leave one out."""
     profiles = []
     if static_latent is not None:
         h, w = static_latent
@@ -112,7 +114,7 @@ def default_profiles(*, static_latent: tuple[int, int] | None = (STATIC_LATENT, 
     if tile_latent is not None:
         t = tile_latent
         profiles.append(Profile.of("tile", {"B": DimRange(1, tile_batch, tile_batch), "h": DimRange(t, t, t),
-                                            "w": DimRange(t, t, t)}))
+                                            "w": DimRange(t, t, t)}, networks=("unet_adaptor",)))
     if dynamic is not None:
         profiles.append(Profile.of("dynamic", dynamic))
     if not profiles:
@@ -127,6 +129,8 @@ def network_profiles(spec: NetworkSpec, profiles: tuple[Profile, ...]) -> tuple[
     out: list[Profile] = []
     seen: set[tuple] = set()
     for p in profiles:
+        if p.networks is not None and spec.name not in p.networks:
+            continue
         q = p.restricted(symbols)
         key = tuple(sorted(spec.profile(q.range_map).items())) if symbols else ()
         if key not in seen:

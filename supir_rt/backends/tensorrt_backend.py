@@ -421,6 +421,13 @@ class TrtEngine(EngineBase):
         self._addresses[name] = tensor.data_ptr()
 
     def _stage(self, slot: _Slot, feed: Mapping[str, torch.Tensor], copy_all: bool, stream) -> None:
+        try:
+            self._stage_inputs(slot, feed, copy_all, stream)
+        except torch.cuda.OutOfMemoryError:
+            raise TensorRTError(f"{self.spec.name}: not enough GPU memory to stage the inputs; use a smaller image or "
+                                "free GPU memory") from None
+
+    def _stage_inputs(self, slot: _Slot, feed: Mapping[str, torch.Tensor], copy_all: bool, stream) -> None:
         """Bind each input in place when TensorRT can read it as it is, else copy it into the slot's
         own buffer (on the engine stream, so the copy is ordered with the run)."""
         cuda = self._shared.cuda

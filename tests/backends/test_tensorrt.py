@@ -212,12 +212,24 @@ def test_defect6_one_shared_arena_own_stream_no_host_sync(fake, tiny_config, fol
 def test_profile_is_chosen_per_request(fake, tiny_config, folder, ort_engines):
     build(tiny_config, folder, networks=["vae_decoder"])
     engine = open_trt(tiny_config, folder, networks=["vae_decoder"])["vae_decoder"]
+    assert [p.name for p in engine.profiles] == ["static", "dynamic"]  # the tile profile is the UNet's only
     chosen = []
     for dims in ({"B": 1, "h": 8, "w": 8}, {"B": 2, "h": 16, "w": 16}, {"B": 1, "h": 16, "w": 24},
                  {"B": 1, "h": 8, "w": 8}):
         assert_like_ort(engine, ort_engines["vae_decoder"], sample(engine.spec, dims))
         chosen.append(engine.profiles[engine.context.active_optimization_profile].name)
-    assert chosen == ["static", "tile", "dynamic", "static"]
+    assert chosen == ["static", "dynamic", "dynamic", "static"]
+
+
+def test_tightest_profile_is_selected():
+    from supir_rt.backends.specs import select_profile
+
+    profiles = default_profiles()  # static 1 x 128^2, tile 1..4 x 128^2, dynamic 1..4 x 8..256
+    assert [profiles[select_profile(profiles, d)].name for d in (
+        {"B": 1, "h": 128, "w": 128}, {"B": 3, "h": 128, "w": 128}, {"B": 1, "h": 64, "w": 200})] == [
+        "static", "tile", "dynamic"]
+    assert select_profile(profiles, {"B": 1, "h": 300, "w": 64}) is None
+    assert select_profile(profiles, {"B": 5, "h": 128, "w": 128}) is None
 
 
 def test_outputs_are_engine_owned_with_stable_addresses(fake, tiny_config, folder):
@@ -235,6 +247,7 @@ def test_outputs_are_engine_owned_with_stable_addresses(fake, tiny_config, folde
 def test_cuda_graph_is_captured_once_per_shape_and_replayed(fake, tiny_config, folder, ort_engines):
     build(tiny_config, folder, networks=["unet_adaptor"])
     engine = open_trt(tiny_config, folder, networks=["unet_adaptor"], cuda_graphs=True)["unet_adaptor"]
+    assert [p.name for p in engine.profiles] == ["static", "tile", "dynamic"]
     for seed in range(4):  # new values every call: a replay reads the engine's own input buffers
         assert_like_ort(engine, ort_engines["unet_adaptor"], sample(engine.spec, {"B": 1, "h": 8, "w": 8}, seed))
     assert fake.captures == 1 and fake_tensorrt.STATE.replays == 3  # warm-up, capture (+replay), 2 replays
@@ -427,7 +440,8 @@ def test_build_command_with_the_stand_in(fake, folder, caplog):
     assert build_engines.main(args) == 0
     man = Manifest.read(manifest_path(plan_of(folder, "text_encoders")))
     assert man.build["build_config"]["tf32"] is False
-    assert [p["name"] for p in man.build["profiles"]] == ["static", "tile", "dynamic"]
+    assert man.build["profiles"] == [{"name": "static", "ranges": {"B": [1, 1, 1]}},  # the text encoders only have B
+                                     {"name": "dynamic", "ranges": {"B": [1, 1, 2]}}]
     assert "MiB" in caplog.text
     assert build_engines.main(args) == 0 and "reusing" in caplog.text
 
