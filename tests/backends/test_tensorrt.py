@@ -486,3 +486,29 @@ def test_profile_json_round_trip():
     assert Profile.from_json(p.to_json()) == p
     with pytest.raises(ValueError, match="min <= opt <= max"):
         Profile.of("y", {"h": DimRange(8, 4, 16)})
+
+
+@pytest.mark.slow
+def test_cli_restore_over_tensorrt_missing_then_built_plans(fake, folder, tmp_path_factory, capsys):
+    """`supir-rt restore --backend tensorrt` without plans: one error line with the build command;
+    after that command (stand-in TensorRT), the same restore runs."""
+    import build_engines
+    from PIL import Image
+
+    from supir_rt import cli
+
+    work = tmp_path_factory.mktemp("cli")
+    src = work / "in.png"
+    Image.fromarray(torch.arange(50 * 40 * 3).reshape(40, 50, 3).remainder(256).to(torch.uint8).numpy()).save(src)
+    args = ["restore", str(src), "-o", str(work / "out.png"), "--tiny-random", "--backend", "tensorrt",
+            "--engines-dir", str(folder), "--steps", "1", "--min-size", "64", "-q"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert f"python export/build_engines.py --trt-only --tiny-random --precision fp32 --out {folder}" in err
+    assert build_engines.main(["--trt-only", "--tiny-random", "--precision", "fp32", "--out", str(folder),
+                               "--static-latent", "8", "--tile-latent", "16", "--tile-batch", "2",
+                               "--batch", "1", "1", "2", "--latent", "8", "16", "32", "--quiet"]) == 0
+    assert cli.main(args) == 0, capsys.readouterr().err
+    with Image.open(work / "out.png") as img:
+        assert img.size == (50, 40)
