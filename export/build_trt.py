@@ -135,7 +135,10 @@ def _parse(trt, logger, onnx_path: Path, spec: NetworkSpec, strongly_typed: bool
 def _configure(trt, builder, network_name: str, spec: NetworkSpec, build: BuildConfig):
     cfg = builder.create_builder_config()
     cfg.builder_optimization_level = build.optimization_level
-    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(build.workspace_gib * 2**30))
+    workspace = int(build.workspace_gib * 2**30)
+    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if cfg.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE) != workspace:  # a bad size is only logged
+        raise ValueError(f"TensorRT refused a workspace of {build.workspace_gib} GiB; fix --trt-workspace-gib")
     if build.tf32:  # TensorRT enables TF32 by default: clear it explicitly when it is off
         cfg.set_flag(trt.BuilderFlag.TF32)
     else:

@@ -316,8 +316,11 @@ class TrtEngine(EngineBase):
         if e.num_optimization_profiles != len(self.profiles):
             raise TensorRTError(f"{self.path.name} has {e.num_optimization_profiles} profiles, its manifest lists "
                                 f"{len(self.profiles)}; rebuild with: {self._rebuild}")
+        dynamic = {s.name for s in self.spec.inputs if s.symbols()}  # static inputs need no profile shapes
         for i, p in enumerate(self.profiles):
             for name, shapes in self.spec.profile(p.range_map).items():
+                if name not in dynamic:
+                    continue
                 got = tuple(tuple(d) for d in e.get_tensor_profile_shape(name, i))
                 if got != tuple(shapes):
                     raise TensorRTError(f"{self.path.name}: profile {i} ({p.name}) of {name} is {got} in the plan, "
@@ -376,8 +379,8 @@ class TrtEngine(EngineBase):
 
     def _out_of_profile(self, dims: Mapping[str, int]) -> str:
         asked = ", ".join(f"{k} {v}" for k, v in sorted(dims.items()))
-        side = max(dims.get("h", 0), dims.get("w", 0))
-        hint = f" --latent 8 {side} {max(256, side)}" if side else ""
+        sides = [dims[k] for k in ("h", "w") if k in dims]
+        hint = f" --latent {min(8, *sides)} {max(sides)} {max(256, *sides)}" if sides else ""
         if dims.get("B", 1) > 4:
             hint += f" --batch 1 1 {dims['B']}"
         return (f"{self.spec.name}: a request with {asked} is outside every optimisation profile of {self.path.name}: "

@@ -316,7 +316,12 @@ class IBuilderConfig:
         return bool(self.flags & (1 << int(flag)))
 
     def set_memory_pool_limit(self, pool, pool_size: int) -> None:
+        if pool_size < 0:
+            return  # TensorRT records an error and changes nothing
         self.pools[pool] = pool_size
+
+    def get_memory_pool_limit(self, pool) -> int:
+        return self.pools.get(pool, 80 << 30)  # default: the device's memory
 
     def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
         if not profile:
