@@ -228,6 +228,9 @@ def test_batching_is_exact_with_a_batch_invariant_denoiser():
 
 
 def test_default_tile_constants():
+    from supir_rt.backends import specs
+
     assert tiling.DEFAULT_TILE_SHAPE == (128, 128) and tiling.DEFAULT_STRIDE_LATENT == 64
+    assert specs.SAMPLER_TILE_LATENT == tiling.DEFAULT_TILE_LATENT  # the engines' tile profile is the sampler's tile
     assert (tiling.DEFAULT_TILE_PX, tiling.DEFAULT_STRIDE_PX) == (1024, 512)
     assert OFFICIAL_SIGMA_MAX == 14.6146
