@@ -85,7 +85,9 @@ def _resblock(block: ResnetBlock, x: torch.Tensor, zoom: float) -> _Walk:
 def _attn(attn: AttnBlock, x: torch.Tensor, zoom: float) -> _Walk:
     b, c, h, w = x.shape
     n = yield from _norm(attn.norm, x, zoom)
-    q, k, v = (conv(n).reshape(b, c, h * w).transpose(1, 2) for conv in (attn.q, attn.k, attn.v))  # (B, HW, C)
+    # contiguous (B, HW, C): PyTorch's CPU flash kernel needs it; a transposed view falls back to the
+    # math kernel, which stores the HW x HW score matrix (17 GB at a 256x256 latent)
+    q, k, v = (conv(n).reshape(b, c, h * w).transpose(1, 2).contiguous() for conv in (attn.q, attn.k, attn.v))
     out = blocks.attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
     return x + attn.proj_out(out)
 
@@ -113,16 +115,28 @@ def encoder_walk(enc: Encoder, x: torch.Tensor, *, whole: bool) -> _Walk:
     return enc.conv_out(F.silu(h, inplace=True))
 
 
+def _plain(walk: _Walk) -> torch.Tensor:
+    """Run a walk untiled: every norm is the GroupNorm module itself."""
+    try:
+        gn, h, _ = next(walk)
+        while True:
+            gn, h, _ = walk.send(gn(h))
+    except StopIteration as done:
+        return done.value
+
+
 def encoder_tail(enc: Encoder, h: torch.Tensor) -> torch.Tensor:
-    """The encoder's latent-resolution part on the whole latent, with the reference modules."""
+    """The encoder's latent-resolution part on the whole latent (the reference resblocks; the mid
+    block through `_mid`, whose attention takes the memory-efficient kernel)."""
     for block in enc.down[-1].block:
         h = block(h)
-    return enc.conv_out(F.silu(enc.norm_out(enc.mid(h))))
+    h = _plain(_mid(enc.mid, h, 1.0))
+    return enc.conv_out(F.silu(enc.norm_out(h)))
 
 
 def decoder_head(dec: Decoder, z: torch.Tensor) -> torch.Tensor:
     """The decoder's latent-resolution part on the whole latent: conv_in, mid, lowest level's blocks."""
-    h = dec.mid(dec.conv_in(z))
+    h = _plain(_mid(dec.mid, dec.conv_in(z), 1.0))
     for block in dec.up[-1].block:
         h = block(h)
     return h
