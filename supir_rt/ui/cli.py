@@ -103,7 +103,7 @@ def run_ui(args: argparse.Namespace) -> int:
         try:
             app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True,
                        show_error=False, quiet=True, max_file_size=args.max_upload_mb * 1024 * 1024,
-                       footer_links=["gradio", "settings"], css=CSS)
+                       footer_links=["gradio", "settings"], css=CSS, allowed_paths=[str(ui.outputs)])
         except OSError as err:
             _error(f"cannot serve on {args.host}:{args.port} ({err}); pass another --port or --host")
             return 2

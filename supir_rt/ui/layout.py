@@ -106,12 +106,12 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
                 status = gr.Markdown(elem_id="status")
                 with gr.Row():
-                    caption = gr.Textbox(label="Caption", lines=2, scale=4, elem_id="caption",
+                    caption = gr.Textbox(label="Caption", lines=2, scale=3, elem_id="caption",
                                          info="what the photo shows; joined with the quality prompt "
                                               "(empty = no caption, as --no_llava)")
-                    with gr.Column(scale=1, min_width=140):
-                        caption_file = gr.File(label="Caption .txt", file_types=[".txt"], type="filepath",
-                                               height=90, elem_id="caption-file")
+                    with gr.Column(scale=2, min_width=180):
+                        caption_file = gr.File(label="Caption from a .txt (the photo's sidecar)", file_types=[".txt"],
+                                               type="filepath", height=120, elem_id="caption-file")
                         llava_btn = gr.Button("Caption with LLaVA", size="sm", visible=ui.has_captioner,
                                               elem_id="llava-btn")
                 prompt_notes = gr.Markdown(elem_id="prompt-notes")
@@ -119,16 +119,15 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
                                      info="starting values of every knob below except the seed and the prompts",
                                      elem_id="preset")
                 knobs: dict[str, gr.components.Component] = {}
-                main = [k for k in ui.knobs if k.group == "main"]
+                main = [k for k in ui.knobs if k.group == "main" and k.name != "seed"]
                 for pair in (main[i:i + 2] for i in range(0, len(main), 2)):
                     with gr.Row():
                         for knob in pair:
-                            if knob.name == "seed":
-                                with gr.Row():
-                                    knobs[knob.name] = knob_component(knob, values[knob.name])
-                                    dice = gr.Button("🎲", size="sm", min_width=40, scale=0, elem_id="dice")
-                            else:
-                                knobs[knob.name] = knob_component(knob, values[knob.name])
+                            knobs[knob.name] = knob_component(knob, values[knob.name])
+                seed_knob = next(k for k in ui.knobs if k.name == "seed")
+                with gr.Row(equal_height=True):
+                    knobs["seed"] = knob_component(seed_knob, values["seed"])
+                    dice = gr.Button("New seed", size="sm", scale=0, min_width=100, elem_id="dice")
                 groups = (("prompt", "Quality and negative prompts"), ("advanced", "More settings"),
                           ("tiling", "Tiling"))
                 for group, label in groups:
