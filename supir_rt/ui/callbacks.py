@@ -1,9 +1,10 @@
 """What the controls of `supir-rt ui` do, as plain functions over one `Restorer` (no Gradio here).
 
 `RestoreUI` holds the restorer (loaded once), the knobs, the temporary folder the outputs go to and the
-lock that makes model jobs take turns. The Gradio queue already runs one model job at a time; the lock
-keeps that true when a job is cancelled while its thread is still finishing a sampler step (a running
-step cannot be interrupted; the job stops at the next one).
+lock that makes model jobs take turns (the page's queue already runs one at a time; the lock keeps a
+`Restorer`, which is not thread-safe, safe from any other caller). Cancelling is cooperative: a job
+checks its session's cancel counter before it starts and after every sampler step (a step cannot be
+interrupted).
 
 Every method takes and returns plain values (upload paths, strings, dicts of knob values, PIL images).
 Problems the user can fix raise `UIError` with the message shown in the page.
@@ -86,8 +87,7 @@ class RestoreUI:
         self._kept: deque[Path] = deque()
         self._cache = _LoadedCache()
         self._lock = threading.Lock()  # one model job at a time
-        self._jobs: dict[str, threading.Event] = {}  # session -> its cancel flag
-        self._jobs_lock = threading.Lock()
+        self._cancelled: dict[str, int] = {}  # session -> its jobs with a ticket up to this one are cancelled
 
     # ----------------------------------------------------------------------------------- information
 
@@ -270,43 +270,39 @@ class RestoreUI:
             return self.restorer.pipeline.caption(loaded.rgb, config, self.restorer.captioner, None)
 
     def restore(self, path: str | Path | None, caption: str, values: Mapping[str, Any], *, session: str = "",
-                report: Report | None = None) -> RunOutput:
+                ticket: int = 0, report: Report | None = None) -> RunOutput:
         """Restore the upload with the knobs' settings; the PNG (settings in its metadata) goes to the
-        temporary folder. ``report(fraction, text)`` follows the stages and sampler steps."""
+        temporary folder. ``report(fraction, text)`` follows the stages and sampler steps.
+
+        ``ticket`` is the session's cancel counter when the job was submitted: `cancel` with a ticket at
+        least as large stops the job (raises `Cancelled`) before it starts or after its current step."""
         loaded = self._require(path)
         config = self.config(values)
         report = report or _no_report
-        cancel = threading.Event()
-        with self._jobs_lock:
-            self._jobs[session] = cancel
+
+        def check_cancel() -> None:
+            if self._cancelled.get(session, -1) >= ticket:
+                raise Cancelled
 
         def on_step(info: StepInfo) -> None:
-            if cancel.is_set():
-                raise Cancelled
+            check_cancel()
             done = info.index + 1
             text = f"sampling: step {done}/{info.total}" if done < info.total else "decoding, colour fix"
             report(0.05 + 0.9 * done / info.total, text)
 
-        try:
-            report(0.0, "waiting for the previous job")
-            with self._lock:
-                if cancel.is_set():
-                    raise Cancelled
-                report(0.02, "stage 1 (degradation-robust encoder), prompts")
-                start = time.perf_counter()
+        report(0.0, "waiting for the previous job")
+        with self._lock:
+            check_cancel()
+            report(0.02, "stage 1 (degradation-robust encoder), prompts")
+            start = time.perf_counter()
+            try:
                 restored = self.restorer.restore(loaded, config, caption=caption or "", source=Path(Path(path).name),
                                                  callback=on_step)
-                seconds = time.perf_counter() - start
-                report(0.97, "saving the PNG")
-                png = self._save(restored, loaded, Path(path).stem)
-        except Cancelled:
-            raise UIError("Cancelled.") from None
-        except (ImageError, NonFiniteOutputError) as err:
-            raise UIError(_upload_message(str(err), path)) from None
-        finally:
-            with self._jobs_lock:
-                if self._jobs.get(session) is cancel:
-                    del self._jobs[session]
+            except (ImageError, NonFiniteOutputError) as err:
+                raise UIError(_upload_message(str(err), path)) from None
+            seconds = time.perf_counter() - start
+            report(0.97, "saving the PNG")
+            png = self._save(restored, loaded, Path(path).stem)
         after = restored.image.convert("RGB")
         before = loaded.rgb.resize(after.size, Image.Resampling.BICUBIC)
         w, h = after.size
@@ -314,14 +310,11 @@ class RestoreUI:
                   "The PNG below holds the settings (drop it on “Reproduce” to read them back).")
         return RunOutput(before=before, after=after, png=png, seed=restored.result.seed, status=status)
 
-    def cancel(self, session: str = "") -> str:
-        """Ask the session's job to stop at its next sampler step (a queued job is dropped by the queue)."""
-        with self._jobs_lock:
-            event = self._jobs.get(session)
-        if event is None:
-            return "Cancelled."
-        event.set()
-        return "Cancelling: the job stops after the current step."
+    def cancel(self, session: str = "", ticket: int = 0) -> str:
+        """Cancel the session's jobs submitted with a ticket up to ``ticket``: a waiting job is dropped when
+        its turn comes, a running one stops after its current sampler step (a step cannot be interrupted)."""
+        self._cancelled[session] = max(ticket, self._cancelled.get(session, -1))
+        return "Cancelled: a running job stops after its current step, a waiting one does not start."
 
     def close(self) -> None:
         shutil.rmtree(self.outputs, ignore_errors=True)

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -63,6 +64,21 @@ def check_ui_args(args: argparse.Namespace) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise SetupError("the UI needs Gradio: pip install 'supir-rt[ui]'") from None
+    check_address(args.host, args.port)
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail before the model loads when ``host:port`` cannot be listened on (busy port, unknown address)."""
+    from supir_rt.api import SetupError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            reason = err.strerror or str(err)
+            raise SetupError(f"cannot listen on {host}:{port} ({reason}); pass another --port, or a --host "
+                             "address of this machine") from None
 
 
 def run_ui(args: argparse.Namespace) -> int:
@@ -138,4 +154,4 @@ def wait_for_stop() -> None:
     print("supir-rt ui: stopping; removing the temporary files", file=sys.stderr)
 
 
-__all__ = ["add_ui_parser", "check_ui_args", "run_ui", "wait_for_stop"]
+__all__ = ["add_ui_parser", "check_address", "check_ui_args", "run_ui", "wait_for_stop"]

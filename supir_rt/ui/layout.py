@@ -20,7 +20,7 @@ from typing import Any
 
 import gradio as gr
 
-from supir_rt.ui.callbacks import RestoreUI, UIError
+from supir_rt.ui.callbacks import Cancelled, RestoreUI, UIError
 from supir_rt.ui.knobs import Knob
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ class PhotoUpload(gr.Image):
         if getattr(payload, "path", None) is None:
             raise UIError("the upload did not arrive; upload the photo again")
         return str(payload.path)
+
+
+def session_of(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or ""
 
 
 def status_text(message: str, error: bool = False) -> str:
@@ -208,27 +212,29 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
         def on_stage1(data: dict[Any, Any]) -> tuple[Any, str]:
             return ui.stage1(data[photo], knob_values(data)), "Stage 1 done."
 
-        stage1_event = stage1_btn.click(guarded(on_stage1, lambda m: (gr.update(), status_text(m, True))),
-                                        inputs={photo, *knob_list}, outputs=[stage1_img, status], **model_job)
+        stage1_btn.click(guarded(on_stage1, lambda m: (gr.update(), status_text(m, True))),
+                         inputs={photo, *knob_list}, outputs=[stage1_img, status], **model_job)
+
+        ticket = gr.State(0)  # the session's cancel counter, sent with each job when it is submitted
 
         def on_run(data: dict[Any, Any], request: gr.Request, progress: gr.Progress = gr.Progress()
                    ) -> tuple[Any, Any, str]:
-            session = getattr(request, "session_hash", None) or ""
-            out = ui.restore(data[photo], data[caption], knob_values(data), session=session,
-                             report=lambda fraction, text: progress(fraction, desc=text))
+            try:
+                out = ui.restore(data[photo], data[caption], knob_values(data), session=session_of(request),
+                                 ticket=data[ticket], report=lambda fraction, text: progress(fraction, desc=text))
+            except Cancelled:
+                return gr.update(), gr.update(), "Cancelled."
             return (out.before, out.after), str(out.png), out.status
 
-        run_event = run_btn.click(guarded(on_run, lambda m: (gr.update(), gr.update(), status_text(m, True))),
-                                  inputs={photo, caption, *knob_list}, outputs=[compare, download, status],
-                                  **model_job)
+        run_btn.click(guarded(on_run, lambda m: (gr.update(), gr.update(), status_text(m, True))),
+                      inputs={photo, caption, ticket, *knob_list}, outputs=[compare, download, status], **model_job)
 
-        def on_cancel(request: gr.Request) -> str:
-            return ui.cancel(getattr(request, "session_hash", None) or "")
+        def on_cancel(current: int, request: gr.Request) -> tuple[str, int]:
+            return ui.cancel(session_of(request), current), current + 1
 
-        cancel_btn.click(on_cancel, outputs=status, cancels=[run_event, stage1_event], queue=False,
-                         api_visibility="private")
+        cancel_btn.click(on_cancel, inputs=ticket, outputs=[status, ticket], queue=False, api_visibility="private")
         app.load(warn, inputs=prompt_inputs, outputs=prompt_notes, **light)
     return app
 
 
-__all__ = ["CSS", "PhotoUpload", "build_app", "guarded", "knob_component", "status_text"]
+__all__ = ["CSS", "PhotoUpload", "build_app", "guarded", "knob_component", "session_of", "status_text"]

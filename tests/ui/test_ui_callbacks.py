@@ -23,7 +23,7 @@ from supir_rt.api import Restorer
 from supir_rt.config import ModelConfig
 from supir_rt.images import read_metadata, save_image
 from supir_rt.restore_config import RestoreConfig
-from supir_rt.ui.callbacks import RestoreUI, UIError
+from supir_rt.ui.callbacks import Cancelled, RestoreUI, UIError
 from supir_rt.ui.knobs import config_from_values, knobs_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -272,16 +272,33 @@ def test_restore_needs_a_photo_and_valid_settings(ui, tmp_path):
 
 def test_cancel_stops_the_job_at_the_next_step_and_writes_nothing(ui, tmp_path):
     photo = write(tmp_path / "p.png", gradient_image(64, 64))
+    steps: list[str] = []
 
     def report(fraction: float, text: str) -> None:
+        if "step" in text:
+            steps.append(text)
         if "step 1/" in text:
-            assert "Cancelling" in ui.cancel("alice")
+            assert "Cancelled" in ui.cancel("alice", 0)
 
-    with pytest.raises(UIError, match="Cancelled"):
-        ui.restore(photo, "", {"num_steps": 4}, session="alice", report=report)
+    with pytest.raises(Cancelled):
+        ui.restore(photo, "", {"num_steps": 4}, session="alice", ticket=0, report=report)
+    assert steps == ["sampling: step 1/4"]  # the step after the cancel did not report: it never ran
     assert not ui.outputs.exists() or not any(ui.outputs.rglob("*.png"))
-    assert ui.cancel("alice") == "Cancelled."  # nothing running any more
-    assert ui.restore(photo, "", {"num_steps": 1}, session="alice").png.is_file()  # the lock was released
+    # a job submitted after the cancel (the page sends the next ticket) runs; the lock was released
+    assert ui.restore(photo, "", {"num_steps": 1}, session="alice", ticket=1).png.is_file()
+
+
+def test_a_waiting_job_cancelled_before_its_turn_never_starts(ui, tmp_path):
+    photo = write(tmp_path / "p.png", gradient_image(64, 64))
+    calls = []
+    inner = ui.restorer.restore
+    ui.restorer.restore = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    ui.cancel("bob", 2)
+    with pytest.raises(Cancelled):
+        ui.restore(photo, "", {"num_steps": 1}, session="bob", ticket=2)
+    assert calls == []
+    assert ui.restore(photo, "", {"num_steps": 1}, session="carol", ticket=0).png.is_file()  # other sessions run
+    assert calls == [1]
 
 
 def test_jobs_take_turns(ui, tmp_path):
@@ -380,3 +397,16 @@ def test_ui_command_option_errors_are_one_line_and_leave_no_files(tmp_path, monk
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == [] and tempfile.tempdir == str(tmp_path)
+
+
+def test_busy_port_is_refused_before_the_model_loads(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = cli.main(["ui", "--tiny-random", "-q", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+    assert "NOT a restoration" not in err  # refused before anything else happened
