@@ -1,4 +1,4 @@
-"""The ``supir-rt`` command: ``restore``, ``ui`` (`supir_rt.ui`), and ``caption`` when the captioning package is present.
+"""The ``supir-rt`` command: ``restore``, ``ui`` (`supir_rt.ui`), and ``caption`` when captioning is present.
 
 A thin layer over `supir_rt.api.Restorer`: parse flags into a `RestoreConfig`, find the weights, plan
 every output before any work, then restore image by image. Bad input gives one ``error: ...`` line

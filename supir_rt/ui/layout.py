@@ -91,6 +91,14 @@ def knob_component(knob: Knob, value: Any) -> gr.components.Component:
     return gr.Textbox(value=value, lines=lines, **common)
 
 
+def knob_update(knob: Knob, value: Any) -> Any:
+    """A new value for a knob's control; a slider's range widens to hold a value from a PNG or a preset
+    (Gradio refuses slider values outside the range)."""
+    if knob.kind != "slider" or not isinstance(value, (int, float)):
+        return gr.update(value=value)
+    return gr.update(value=value, minimum=min(knob.minimum, value), maximum=max(knob.maximum, value))
+
+
 def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
     """The Blocks app over ``ui`` (queue it and launch it; see `supir_rt.ui.cli.run_ui`)."""
     values = ui.initial_values()
@@ -152,6 +160,7 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
         gr.Markdown(ui.footer(), elem_id="footer")
 
         knob_names = list(knobs)
+        by_name = {k.name: k for k in ui.knobs}
         knob_list = [knobs[n] for n in knob_names]
 
         def knob_values(data: dict[Any, Any]) -> dict[str, Any]:
@@ -174,13 +183,14 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
                      outputs=[sizes, status, photo], show_progress="hidden", **light)
         for name in ("upscale", "min_size"):
             if name in knobs:
-                knobs[name].change(guarded(lambda d: ui.describe(d[photo], knob_values(d)), lambda m: status_text(m, True)),
-                                   inputs={photo, *knob_list}, outputs=sizes, show_progress="hidden",
+                describe = guarded(lambda d: ui.describe(d[photo], knob_values(d)), lambda m: status_text(m, True))
+                knobs[name].change(describe, inputs={photo, *knob_list}, outputs=sizes, show_progress="hidden",
                                    trigger_mode="always_last", **light)
 
         # -- caption and prompt warnings
-        caption_file.upload(guarded(ui.read_caption_file, lambda m: gr.update()), inputs=caption_file,
-                            outputs=caption, **light)
+        caption_file.upload(guarded(lambda path: (ui.read_caption_file(path), ""),
+                                    lambda m: (gr.update(), status_text(m, True))),
+                            inputs=caption_file, outputs=[caption, status], **light)
         prompt_inputs = [caption] + [knobs[n] for n in ("a_prompt", "n_prompt", "quality_first") if n in knobs]
         warn = guarded(ui.prompt_warnings, lambda m: status_text(m, True))
         for component in prompt_inputs:
@@ -193,7 +203,7 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
         # -- presets, dice, reproduce
         def on_preset(name: str) -> list[Any]:
             chosen = ui.preset_values(name)
-            return [chosen.get(n, gr.update()) for n in knob_names]
+            return [knob_update(by_name[n], chosen[n]) if n in chosen else gr.update() for n in knob_names]
 
         preset.change(guarded(on_preset, lambda m: [gr.update()] * len(knob_names)), inputs=preset,
                       outputs=knob_list, **light)
@@ -203,10 +213,14 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
             if not path:
                 return [gr.update()] * (len(knob_names) + 1) + [""]
             got = ui.reproduce(path)
-            return [got.values.get(n, gr.update()) for n in knob_names] + [got.caption, got.status]
+            return ([knob_update(by_name[n], got.values[n]) if n in got.values else gr.update() for n in knob_names]
+                    + [got.caption, got.status])
 
-        reproduce.upload(guarded(on_reproduce, lambda m: [gr.update()] * (len(knob_names) + 1) + [status_text(m, True)]),
-                         inputs=reproduce, outputs=[*knob_list, caption, status], **light)
+        def reproduce_failed(message: str) -> list[Any]:
+            return [gr.update()] * (len(knob_names) + 1) + [status_text(message, True)]
+
+        reproduce.upload(guarded(on_reproduce, reproduce_failed), inputs=reproduce,
+                         outputs=[*knob_list, caption, status], **light)
 
         # -- model jobs
         def on_stage1(data: dict[Any, Any]) -> tuple[Any, str]:
@@ -237,4 +251,4 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
     return app
 
 
-__all__ = ["CSS", "PhotoUpload", "build_app", "guarded", "knob_component", "session_of", "status_text"]
+__all__ = ["CSS", "PhotoUpload", "build_app", "guarded", "knob_component", "knob_update", "session_of", "status_text"]

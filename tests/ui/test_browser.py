@@ -1,10 +1,12 @@
 """`supir-rt ui --tiny-random` in a real headless Chromium (Selenium): the page loads with its footer, bad
 uploads get a message in the page, a 1-step restore returns a PNG of the right size with its settings,
-and stopping the server leaves nothing behind (its TMPDIR, working folder and HOME stay empty).
+dropping that PNG on "Reproduce" brings its settings back, Stage 1 shows its image, Cancel stops a long
+run, and stopping the server leaves nothing behind (its TMPDIR, working folder and HOME stay empty).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them and sets
-``SUPIR_RT_REQUIRE_BROWSER=1`` so that CI fails rather than skips); elsewhere skipped with the reason. A screenshot of the page is kept as ``ui.png`` under the test's temporary
-folder; set ``SUPIR_RT_UI_SCREENSHOT=docs/img/ui.png`` to also write the README's (smaller) copy.
+``SUPIR_RT_REQUIRE_BROWSER=1`` so that CI fails rather than skips); elsewhere skipped with the reason.
+A screenshot of the page is kept as ``ui.png`` under the test's temporary folder; set
+``SUPIR_RT_UI_SCREENSHOT=docs/img/ui.png`` to also write the README's (smaller) copy.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
     if os.environ.get("SUPIR_RT_REQUIRE_BROWSER"):  # set by .ci/run: CI must not skip this test
-        raise RuntimeError("the browser test needs chromium and chromedriver: apt-get install -y chromium chromium-driver")
+        raise RuntimeError("the browser test needs chromium and chromedriver: "
+                           "apt-get install -y chromium chromium-driver")
     pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
                 allow_module_level=True)
 
@@ -185,7 +188,8 @@ def test_upload_restore_one_step_and_download_the_png(browser, server, tmp_path)
     assert "seed 77" in status and "1 steps" in status and "192×144" in status
 
     link = WebDriverWait(browser, WAIT).until(
-        lambda d: [a for a in d.find_elements(By.CSS_SELECTOR, "#download a[href]") if ".png" in a.get_attribute("href")])
+        lambda d: [a for a in d.find_elements(By.CSS_SELECTOR, "#download a[href]")
+                   if ".png" in a.get_attribute("href")])
     href = link[0].get_attribute("href")
     assert href.startswith(server.url), href
     png = tmp_path / "downloaded.png"

@@ -110,7 +110,8 @@ def test_bad_knob_values_name_the_knob():
 
 def test_presets_set_their_knobs_but_not_the_seed_or_prompts(ui, monkeypatch):
     paper = ui.preset_values("paper")  # the paper: T = 100, constant CFG 7.5, tau_r = 4
-    assert (paper["num_steps"], paper["cfg_scale"], paper["use_linear_cfg"], paper["restore_cfg"]) == (100, 7.5, False, 4.0)
+    got = (paper["num_steps"], paper["cfg_scale"], paper["use_linear_cfg"], paper["restore_cfg"])
+    assert got == (100, 7.5, False, 4.0)
     assert paper["min_size"] == 64  # the server's overlay (--tiny-random's small sizes) stays
     assert not {"seed", "a_prompt", "n_prompt"} & set(paper)
     from supir_rt import restore_config
@@ -379,6 +380,11 @@ def test_page_has_a_control_per_knob_and_errors_never_show_a_traceback(ui, caplo
     def has_a_bug():
         raise KeyError("oops")
 
+    from supir_rt.ui.layout import knob_update
+
+    cfg = next(k for k in ui.knobs if k.name == "cfg_scale")
+    assert knob_update(cfg, 25.0)["maximum"] == 25.0  # a PNG made with CFG 25 still fits the slider
+    assert knob_update(cfg, 5.0)["maximum"] == cfg.maximum
     assert guarded(fails_for_the_user, lambda m: m)() == "Upload a photo first"
     assert guarded(has_a_bug, lambda m: m)() == "internal error; the server log has the details"
     assert "KeyError" in caplog.text  # the details are in the server's log
