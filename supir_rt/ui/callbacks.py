@@ -12,6 +12,7 @@ Problems the user can fix raise `UIError` with the message shown in the page.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import shutil
@@ -117,7 +118,11 @@ class RestoreUI:
                 f"model **{model}** · supir-rt {__version__}")
 
     def default_config(self, preset: str = "official") -> RestoreConfig:
-        return restore_preset(preset).with_overrides(**self.defaults)
+        """Preset ``preset`` with the server's overlay (``defaults``), as ``config_type``."""
+        base = restore_preset(preset)
+        if not isinstance(base, self.config_type):  # a RestoreConfig extended with more settings
+            base = self.config_type(**dataclasses.asdict(base))
+        return base.with_overrides(**self.defaults)
 
     def initial_values(self) -> dict[str, Any]:
         return values_from_config(self.default_config(), self.knobs)

@@ -71,7 +71,8 @@ class Server:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "supir_rt.cli", "ui", "--tiny-random", "--host", "127.0.0.1",
-                 "--port", str(self.port)], cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                 "--port", str(self.port), "--max-upload-mb", "1"],
+                cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -173,6 +174,15 @@ def test_footer_and_bad_uploads_get_a_message(browser, tmp_path):
     upload(browser, bomb)
     wait_text(browser, "#status", "bomb.png", "100000x100000", "decompression-bomb guard")
     assert "Traceback" not in browser.page_source
+
+    # A file above --max-upload-mb (1 MB here): refused by the page with a message naming the file.
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 1024 * 1024
+    upload(browser, big)
+    wait_text(browser, "body", "exceed the maximum allowed size", "big.png")
+    browser.refresh()  # a fresh page (no message toasts) for the next test
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#footer"))
 
 
 def test_upload_restore_one_step_and_download_the_png(browser, server, tmp_path):

@@ -373,6 +373,11 @@ def test_page_has_a_control_per_knob_and_errors_never_show_a_traceback(ui, caplo
     assert {f"knob-{k.name}" for k in ui.knobs} <= ids
     assert {"photo", "run-btn", "cancel-btn", "stage1-btn", "compare", "download", "reproduce", "footer"} <= ids
     assert isinstance(app, gr.Blocks)
+    assert "group-tiling" not in ids
+
+    extended = RestoreUI(ui.restorer, ui.workdir, config_type=WithNewSettings)
+    ids = {getattr(b, "elem_id", None) for b in build_app(extended).blocks.values()}
+    assert {"group-tiling", "knob-tiling", "knob-tile_size", "knob-vae_tile_overlap", "knob-sampler"} <= ids
 
     def fails_for_the_user():
         raise UIError("Upload a photo first")
