@@ -87,13 +87,15 @@ def run_ui(args: argparse.Namespace) -> int:
 
     errors = _user_errors()
     workdir = Path(tempfile.mkdtemp(prefix="supir-rt-ui-"))
-    saved_env = {k: os.environ.get(k) for k in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED")}
+    saved_env = {k: os.environ.get(k) for k in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED", "MPLCONFIGDIR")}
     saved_tempdir = tempfile.tempdir
     restorer = app = None
     try:
         # Before Gradio is imported: it reads its cache folder from the environment at import time.
         os.environ["GRADIO_TEMP_DIR"] = str(workdir / "gradio")
         os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+        # Gradio imports matplotlib around every event; its config and font cache would go to the home folder.
+        os.environ.setdefault("MPLCONFIGDIR", str(workdir / "matplotlib"))
         (workdir / "tmp").mkdir()
         tempfile.tempdir = str(workdir / "tmp")  # uploads being received, and any library's temporary files
         try:

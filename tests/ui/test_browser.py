@@ -67,7 +67,8 @@ class Server:
         self.log = root / "server.log"
         env = dict(os.environ, TMPDIR=str(self.tmp), HOME=str(self.home), XDG_CACHE_HOME=str(self.home / ".cache"),
                    PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        env.pop("ORT_DISABLE_TELEMETRY", None)  # supir-rt turns ONNX Runtime's telemetry files off itself
+        for own in ("ORT_DISABLE_TELEMETRY", "MPLCONFIGDIR", "GRADIO_TEMP_DIR"):  # supir-rt sets these itself
+            env.pop(own, None)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "supir_rt.cli", "ui", "--tiny-random", "--host", "127.0.0.1",
