@@ -421,3 +421,16 @@ def test_busy_port_is_refused_before_the_model_loads(capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
     assert "NOT a restoration" not in err  # refused before anything else happened
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_page_actions_on_a_gpu(tmp_path):
+    """GPU check: the tiny random model on CUDA through the page's actions (stage 1 moves its input to the
+    engines' device). Run: python -m pytest -q tests/ui/test_ui_callbacks.py -k gpu"""
+    restorer = Restorer.tiny_random(device="cuda", dtype="fp32")
+    ui = RestoreUI(restorer, tmp_path / "work", defaults={"min_size": 256})
+    photo = write(tmp_path / "p.png", gradient_image(96, 64))
+    assert ui.stage1(photo, {}).size == (96, 64)
+    out = ui.restore(photo, "", {"num_steps": 2, "seed": 3})
+    assert out.after.size == (96, 64) and read_metadata(out.png)["runtime"]["device"].startswith("cuda")
+    restorer.close()
