@@ -182,7 +182,10 @@ def test_footer_and_bad_uploads_get_a_message(browser, tmp_path):
     assert big.stat().st_size > 1024 * 1024
     upload(browser, big)
     wait_text(browser, "body", "exceed the maximum allowed size", "big.png")
-    browser.refresh()  # a fresh page (no message toasts) for the next test
+    # A caption long enough to push the quality prompt out of CLIP's 77 tokens: a warning under the caption.
+    browser.find_element(By.CSS_SELECTOR, "#caption textarea").send_keys("an old street with houses " * 20)
+    wait_text(browser, "#prompt-notes", "Prompt cut", "quality prompt")
+    browser.refresh()  # a fresh page (no message toasts, empty caption) for the next test
     WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#footer"))
 
 
