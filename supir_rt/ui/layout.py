@@ -33,22 +33,19 @@ CSS = """
 """
 
 
-class PhotoUpload(gr.Image):
-    """`gr.Image` (drop, paste, click) whose upload reaches `RestoreUI.load` as the uploaded file.
+def upload_path(value: Any) -> str | None:
+    """The server path of an upload as an event with ``preprocess=False`` receives it (a FileData dict).
 
-    Gradio's own preprocessing decodes the file with Pillow's defaults before the app sees it, so a
-    non-image or a decompression bomb would fail inside Gradio with a generic error; here the checks and
-    their messages are supir-rt's. ``is_template`` makes the page render it as a plain image component.
+    Events that read the photo skip Gradio's preprocessing: it would decode the file with Pillow's
+    defaults first, so a non-image or a decompression bomb would fail inside Gradio with a bare "Error"
+    instead of reaching `RestoreUI.load` and its messages. Gradio still checks, before any event runs,
+    that the path lies in its upload folder (a client cannot point at other server files).
     """
-
-    is_template = True
-
-    def preprocess(self, payload: Any) -> str | None:
-        if payload is None:
-            return None
-        if getattr(payload, "path", None) is None:
-            raise UIError("the upload did not arrive; upload the photo again")
-        return str(payload.path)
+    if not value:
+        return None
+    if isinstance(value, dict):
+        return value.get("path")
+    return str(value)
 
 
 def session_of(request: gr.Request | None) -> str:
@@ -109,8 +106,8 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
             if tiny else ""))
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                photo = PhotoUpload(label="Photo: drop, paste or click", sources=["upload", "clipboard"],
-                                    type="filepath", image_mode=None, height=300, elem_id="photo")
+                photo = gr.Image(label="Photo: drop, paste or click", sources=["upload", "clipboard"],
+                                 type="filepath", image_mode=None, height=300, elem_id="photo")
                 sizes = gr.Markdown(elem_id="sizes")
                 with gr.Row():
                     stage1_btn = gr.Button("Stage 1", elem_id="stage1-btn")
@@ -167,11 +164,12 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
             return {name: data[knobs[name]] for name in knob_names}
 
         light = {"concurrency_limit": None, "api_visibility": "private"}
-        model_job = {"concurrency_limit": 1, "concurrency_id": MODEL_QUEUE, "api_visibility": "private"}
+        model_job = {"concurrency_limit": 1, "concurrency_id": MODEL_QUEUE, "api_visibility": "private",
+                     "preprocess": False}  # every model job reads the photo: see upload_path
 
         # -- the photo and its sizes
         def on_photo(data: dict[Any, Any]) -> tuple[Any, Any, Any]:
-            path = data[photo]
+            path = upload_path(data[photo])
             if not path:
                 return "", gr.update(), gr.update()
             try:
@@ -180,12 +178,13 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
                 return "", status_text(str(err), error=True), None
 
         photo.change(guarded(on_photo, lambda m: ("", status_text(m, True), None)), inputs={photo, *knob_list},
-                     outputs=[sizes, status, photo], show_progress="hidden", **light)
+                     outputs=[sizes, status, photo], show_progress="hidden", preprocess=False, **light)
         for name in ("upscale", "min_size"):
             if name in knobs:
-                describe = guarded(lambda d: ui.describe(d[photo], knob_values(d)), lambda m: status_text(m, True))
+                describe = guarded(lambda d: ui.describe(upload_path(d[photo]), knob_values(d)),
+                                   lambda m: status_text(m, True))
                 knobs[name].change(describe, inputs={photo, *knob_list}, outputs=sizes, show_progress="hidden",
-                                   trigger_mode="always_last", **light)
+                                   trigger_mode="always_last", preprocess=False, **light)
 
         # -- caption and prompt warnings
         caption_file.upload(guarded(lambda path: (ui.read_caption_file(path), ""),
@@ -196,7 +195,7 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
         for component in prompt_inputs:
             component.change(warn, inputs=prompt_inputs, outputs=prompt_notes, show_progress="hidden",
                              trigger_mode="always_last", **light)
-        llava_btn.click(guarded(lambda d: (ui.caption(d[photo], knob_values(d)), ""),
+        llava_btn.click(guarded(lambda d: (ui.caption(upload_path(d[photo]), knob_values(d)), ""),
                                 lambda m: (gr.update(), status_text(m, True))),
                         inputs={photo, *knob_list}, outputs=[caption, status], **model_job)
 
@@ -224,7 +223,7 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
 
         # -- model jobs
         def on_stage1(data: dict[Any, Any]) -> tuple[Any, str]:
-            return ui.stage1(data[photo], knob_values(data)), "Stage 1 done."
+            return ui.stage1(upload_path(data[photo]), knob_values(data)), "Stage 1 done."
 
         stage1_btn.click(guarded(on_stage1, lambda m: (gr.update(), status_text(m, True))),
                          inputs={photo, *knob_list}, outputs=[stage1_img, status], **model_job)
@@ -234,8 +233,9 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
         def on_run(data: dict[Any, Any], request: gr.Request, progress: gr.Progress = gr.Progress()
                    ) -> tuple[Any, Any, str]:
             try:
-                out = ui.restore(data[photo], data[caption], knob_values(data), session=session_of(request),
-                                 ticket=data[ticket], report=lambda fraction, text: progress(fraction, desc=text))
+                out = ui.restore(upload_path(data[photo]), data[caption], knob_values(data),
+                                 session=session_of(request), ticket=data[ticket],
+                                 report=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
                 return gr.update(), gr.update(), "Cancelled."
             return (out.before, out.after), str(out.png), out.status
@@ -251,4 +251,4 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
     return app
 
 
-__all__ = ["CSS", "PhotoUpload", "build_app", "guarded", "knob_component", "knob_update", "session_of", "status_text"]
+__all__ = ["CSS", "build_app", "guarded", "knob_component", "knob_update", "session_of", "status_text", "upload_path"]

@@ -366,9 +366,13 @@ def test_llava_button_without_a_captioner_says_how_to_get_one(ui, tmp_path):
 
 def test_page_has_a_control_per_knob_and_errors_never_show_a_traceback(ui, caplog):
     gr = pytest.importorskip("gradio")
-    from supir_rt.ui.layout import build_app, guarded
+    from supir_rt.ui import layout
+    from supir_rt.ui.layout import build_app, guarded, upload_path
 
     app = build_app(ui)
+    # Gradio writes a .pyi stub beside any module that defines a component class: the page defines none
+    assert list(Path(layout.__file__).parent.glob("*.pyi")) == []
+    assert upload_path({"path": "/up/x.png", "orig_name": "x.png"}) == "/up/x.png" and upload_path(None) is None
     ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
     assert {f"knob-{k.name}" for k in ui.knobs} <= ids
     assert {"photo", "run-btn", "cancel-btn", "stage1-btn", "compare", "download", "reproduce", "footer"} <= ids
