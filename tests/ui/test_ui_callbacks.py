@@ -79,7 +79,7 @@ class WithNewSettings(RestoreConfig):
     """A RestoreConfig as a later branch may extend it (tiling, a sampler choice)."""
 
     tiling: Literal["auto", "on", "off"] = "auto"
-    tile_size: int | None = None
+    tile_margin: int | None = None  # (not tile_size: RestoreConfig has a real one now)
     vae_tile_overlap: float = 0.25
     sampler: str = "edm"
     tile_windows: tuple[int, ...] = ()
@@ -88,14 +88,14 @@ class WithNewSettings(RestoreConfig):
 def test_new_settings_get_knobs_from_their_types_tiling_in_its_own_group():
     knobs = {k.name: k for k in knobs_for(WithNewSettings)}
     assert knobs["tiling"].kind == "choice" and knobs["tiling"].choices == ("auto", "on", "off")
-    assert knobs["tiling"].group == knobs["tile_size"].group == knobs["vae_tile_overlap"].group == "tiling"
-    assert knobs["tile_size"].kind == "int" and knobs["tile_size"].optional
+    assert knobs["tiling"].group == knobs["tile_margin"].group == knobs["vae_tile_overlap"].group == "tiling"
+    assert knobs["tile_margin"].kind == "int" and knobs["tile_margin"].optional
     assert knobs["vae_tile_overlap"].kind == "float" and knobs["sampler"].kind == "text"
     assert knobs["sampler"].group == "advanced"
     assert "tile_windows" not in knobs  # a tuple is not editable: the preset's value is kept
-    config = config_from_values({"tiling": "on", "tile_size": None, "vae_tile_overlap": 0.5, "num_steps": 7.0},
+    config = config_from_values({"tiling": "on", "tile_margin": None, "vae_tile_overlap": 0.5, "num_steps": 7.0},
                                 tuple(knobs.values()), WithNewSettings())
-    assert (config.tiling, config.tile_size, config.vae_tile_overlap, config.num_steps) == ("on", None, 0.5, 7)
+    assert (config.tiling, config.tile_margin, config.vae_tile_overlap, config.num_steps) == ("on", None, 0.5, 7)
 
 
 def test_bad_knob_values_name_the_knob():
@@ -377,7 +377,7 @@ def test_page_has_a_control_per_knob_and_errors_never_show_a_traceback(ui, caplo
     assert {f"knob-{k.name}" for k in ui.knobs} <= ids
     assert {"photo", "run-btn", "cancel-btn", "stage1-btn", "compare", "download", "reproduce", "footer"} <= ids
     assert isinstance(app, gr.Blocks)
-    assert "group-tiling" not in ids
+    assert {"group-tiling", "knob-tiling", "knob-tile_size", "knob-vae_tiling"} <= ids  # RestoreConfig has tiling now
 
     extended = RestoreUI(ui.restorer, ui.workdir, config_type=WithNewSettings)
     ids = {getattr(b, "elem_id", None) for b in build_app(extended).blocks.values()}
