@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from supir_rt.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
@@ -58,7 +60,7 @@ INPUT_EXTENSIONS = frozenset({
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An input image cannot be used, or an output cannot be written; the message names file and fix."""
 
 

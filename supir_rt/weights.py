@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from supir_rt.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Keys a real file may carry that the model does not have (reference doc §3.1, §3.2, §10.20).
@@ -41,7 +43,7 @@ SUPIR_MARKER = "model.control_model.input_hint_block.0.weight"
 _SHOW = 8  # offending keys named in an error
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file is missing, unreadable, unsafe, or does not fit the model."""
 
 

@@ -160,6 +160,9 @@ def check_manifest(artifact: Path, *, spec: NetworkSpec, config: ModelConfig, pr
     if man.config_fingerprint != config_fingerprint(config):
         problems.append(f"built for model config {man.config_name!r} ({man.config_fingerprint}), "
                         f"requested {config.name!r} ({config_fingerprint(config)})")
+        if man.config_name == "tiny" and config.name != "tiny":  # rebuilding here would overwrite them
+            fix = ("these are the tiny random model's engines: run them with --tiny-random, or give "
+                   "--engines-dir a folder of engines built from the checkpoints")
     if man.spec != spec_to_json(spec):
         problems.append(f"I/O spec differs: artifact {man.spec}, expected {spec_to_json(spec)}")
     for key, want in (extra or {}).items():

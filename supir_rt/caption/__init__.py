@@ -19,12 +19,14 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 from supir_rt.caption.prompt import check_truncation, clean_caption, join_prompt
+from supir_rt.errors import UserError
 
 __all__ = [
     "CAPTIONERS",
     "Captioner",
     "NoCaptioner",
     "SidecarCaptioner",
+    "SidecarMissingError",
     "TextCaptioner",
     "check_truncation",
     "clean_caption",
@@ -40,6 +42,10 @@ class Captioner(Protocol):
     def caption(self, image: Image.Image, source: Path | None = None) -> str: ...
 
     def close(self) -> None: ...
+
+
+class SidecarMissingError(UserError, FileNotFoundError):
+    """An image's caption sidecar (IMAGE.txt) does not exist."""
 
 
 class NoCaptioner:
@@ -79,7 +85,7 @@ class SidecarCaptioner:
             raise ValueError("the sidecar captioner needs the image's file path (source=...) to find its .txt")
         path = self.path_for(source)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise SidecarMissingError(
                 f"caption sidecar {path} is missing for {source}; write the caption there, or choose another "
                 "captioner (--captioner none|text|llava)"
             )
