@@ -69,7 +69,7 @@ def test_status_line_and_summary():
             p.advance()
     assert "sampling 1/3 steps (warming up)" in stream.getvalue()
     assert "sampling 2/3 steps 1.00 s/step ETA 1.0 s | overall ETA 1.0 s" in stream.getvalue()
-    assert progress.summary_line() == "time: load 2.00 s, sampling 4.0 s (3 steps, 1.33 s/step); total 6.0 s"
+    assert progress.summary_line() == "time: load 2.0 s, sampling 4.0 s (3 steps, 1.33 s/step); total 6.0 s"
     progress.clear()
     assert stream.getvalue().endswith("\r")
 
