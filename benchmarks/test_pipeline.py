@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-NETWORKS = ("dr_encoder", "vae_encoder", "unet_adaptor", "vae_decoder", "text_encoders")
+from supir_rt.backends.specs import NETWORKS  # the one list of networks
+
 # Parity of the uint8 image: max |out - ref| in grey levels. fp32 backends differ by ~1e-6 per
 # network call (test_networks); over a few steps that stays below one level, rounding can flip one.
 E2E_TOLERANCE_LEVELS = {"fp32": 2, "fp16": 32, "bf16": 64}
