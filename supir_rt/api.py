@@ -77,7 +77,7 @@ def _warn_precision(device: torch.device, dtype: torch.dtype) -> None:
 
 def _cast_diffusion(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """UNet + control model in ``dtype``; VAE and text encoders stay as they are (fp32): the SDXL VAE
-    overflows in fp16 (reference §10.27)."""
+    overflows in fp16."""
     model.model.to(dtype)
 
 

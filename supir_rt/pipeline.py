@@ -1,7 +1,7 @@
 """The SUPIR restoration pipeline: stage functions named after the algorithm, and a `Pipeline` that
-only composes them (STYLE G11). Reproduces `test.py` + `SUPIRModel.batchify_sample` (reference doc §4).
+only composes them. Reproduces `test.py` + `SUPIRModel.batchify_sample`.
 
-Stages, in order (§4.2-§4.6):
+Stages, in order:
 
 1. `preprocess`        PIL RGB -> (1, 3, H, W) in [-1, 1] at the processing size (upscale, min_size,
                        sides snapped to multiples of 64 with round-half-even, PIL bicubic);
@@ -10,17 +10,17 @@ Stages, in order (§4.2-§4.6):
 3. `encode_x_center`   standard encoder on the stage-1 image, posterior *sample* × 0.13025 (restoration
                        guidance's x_center). Its noise is always drawn; the encoder is skipped when the
                        result is unused (τ_r ≤ 0), which leaves the random stream unchanged;
-4. `caption_image` /   the stage-1 image at short side 512 for an image captioner (§4.3), only when the
+4. `caption_image` /   the stage-1 image at short side 512 for an image captioner, only when the
    `prompt_for`        captioner needs pixels; caption + quality prompt joined as the official code does;
-5. `encode_prompt`,    text encoders once per distinct prompt, fixed 1024/0/1024 size conditioning (§4.5);
+5. `encode_prompt`,    text encoders once per distinct prompt, fixed 1024/0/1024 size conditioning;
    `prepare_condition`
-6. `sample`            restoration-guided EDM sampling over the `unet_adaptor` engine (§5);
+6. `sample`            restoration-guided EDM sampling over the `unet_adaptor` engine;
 7. `decode`            VAE decoder, with a check for non-finite values (fp16 overflow);
-8. `color_fix`         Wavelet / AdaIN / none against the stage-1 image (§4.6);
-9. `postprocess`       torch bicubic back to upscale × input size, truncating uint8 conversion (§4.2).
+8. `color_fix`         Wavelet / AdaIN / none against the stage-1 image;
+9. `postprocess`       torch bicubic back to upscale × input size, truncating uint8 conversion.
 
 All networks are reached through `Engine.infer` only (`supir_rt.backends`); nothing here knows which
-backend runs them. All randomness comes from one `NoiseSource` (§5.4).
+backend runs them. All randomness comes from one `NoiseSource`.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ from supir_rt.schedule import dpmpp_sigmas, legacy_ddpm_sigmas, restore_sigmas
 log = logging.getLogger(__name__)
 
 SNAP = 64  # test.py snaps processing sides to multiples of 64 px (8 latent px)
-CAPTION_SHORT_SIDE = 512  # §4.3: LLaVA sees the stage-1 image at short side 512
-SIZE_CONDITIONING = ((1024, 1024), (0, 0), (1024, 1024))  # original, crop, target (§4.5)
+CAPTION_SHORT_SIDE = 512  # LLaVA sees the stage-1 image at short side 512
+SIZE_CONDITIONING = ((1024, 1024), (0, 0), (1024, 1024))  # original, crop, target
 _OFFICIAL_DOWNSAMPLE = VAEConfig().downsample_factor  # 8: image px per latent px of the SDXL VAE
 
 
@@ -67,7 +67,7 @@ class NonFiniteOutputError(UserError, RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. sizes and preprocessing (§4.2)
+# 1. sizes and preprocessing
 # --------------------------------------------------------------------------------------------------
 
 
@@ -92,7 +92,7 @@ def snap(value: float, unit: int = SNAP) -> int:
 def processing_sizes(
     width: int, height: int, upscale: float = 1.0, min_size: int = 1024, *, fix_resize: int | None = None
 ) -> Sizes:
-    """`PIL2Tensor`'s size arithmetic (§4.2): upscale, record the output size, scale the short side up
+    """`PIL2Tensor`'s size arithmetic: upscale, record the output size, scale the short side up
     to ``min_size``, optionally force the short side to ``fix_resize`` (and output at that size), snap."""
     w, h = width * upscale, height * upscale
     w0, h0 = round(w), round(h)
@@ -161,7 +161,7 @@ def engine_network(engine: Engine) -> Network:
 
 
 # --------------------------------------------------------------------------------------------------
-# 2-3. stage 1 and x_center (§4.3, §4.4 steps 4-6)
+# 2-3. stage 1 and x_center
 # --------------------------------------------------------------------------------------------------
 
 
@@ -203,7 +203,7 @@ def encode_x_center(
 
 
 def caption_image(engines: Mapping[str, Engine], image: Image.Image, upscale: float, min_size: int) -> Image.Image:
-    """§4.3: the stage-1 image at short side 512 that the official code gives LLaVA (a separate
+    """the stage-1 image at short side 512 that the official code gives LLaVA (a separate
     DR-encoder + decoder pass at that resolution, then `Tensor2PIL` to the rounded 512-short-side size)."""
     sizes = processing_sizes(*image.size, upscale, min_size, fix_resize=CAPTION_SHORT_SIDE)
     first = stage1(engines, preprocess(image, sizes))
@@ -211,7 +211,7 @@ def caption_image(engines: Mapping[str, Engine], image: Image.Image, upscale: fl
 
 
 # --------------------------------------------------------------------------------------------------
-# 4-5. prompt and conditioning (§4.5)
+# 4-5. prompt and conditioning
 # --------------------------------------------------------------------------------------------------
 
 
@@ -241,7 +241,7 @@ def prepare_condition(
 
 
 # --------------------------------------------------------------------------------------------------
-# 6-8. sampling, decoding, colour fix (§4.4 steps 8-10, §5)
+# 6-8. sampling, decoding, colour fix
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Restore settings: one frozen dataclass with SUPIR's knobs, and the named presets (STYLE G8).
+"""Restore settings: one frozen dataclass with SUPIR's knobs, and the named presets.
 
 Field names follow the official `SUPIRModel.batchify_sample` and `test.py`; the official `test.py` flag
 each one comes from is given next to it. The default instance is the official `test.py`
@@ -97,7 +97,7 @@ OFFICIAL = RestoreConfig()
 RESTORE_PRESETS: dict[str, RestoreConfig] = {
     # test.py defaults (current HEAD): the default.
     "official": OFFICIAL,
-    # The paper's setting (§4 of the SUPIR paper, Algorithm 1): T = 100, constant CFG 7.5, τ_r = 4.
+    # The paper's setting: T = 100, constant CFG 7.5, τ_r = 4.
     "paper": dataclasses.replace(OFFICIAL, num_steps=100, cfg_scale=7.5, use_linear_cfg=False, restore_cfg=4.0),
     # README advice (2025-05-12) for quality: s_cfg 6, spt_linear_CFG 3, s_noise 1.02, s_stage2 0.93.
     "quality": dataclasses.replace(OFFICIAL, cfg_scale=6.0, cfg_scale_start=3.0, s_noise=1.02, control_scale=0.93),

@@ -1,6 +1,6 @@
 """One Engine protocol for every backend; the pipeline only ever calls `infer`.
 
-Contract (after Polygraphy's runner, STYLE G3):
+Contract (after Polygraphy's runner):
 * `engine.spec` is the network's `NetworkSpec` (inputs, outputs, symbolic dims);
 * `engine.infer(feed)` takes a mapping name -> torch.Tensor (on `engine.device`) and returns
   dict name -> torch.Tensor. **Returned tensors belong to the engine until the next `infer`** on
@@ -8,7 +8,7 @@ Contract (after Polygraphy's runner, STYLE G3):
 * `engine.close()` frees it; engines are context managers.
 Feeds are validated (names, dtypes, ranks, consistent dims) unless `validate=False` was asked for
 the hot loop, then converted in ONE place, `EngineBase.conform_inputs` (device, contiguity and the dtype
-the backend computes in); `_run` receives the conformed feed and trusts it (STYLE G18). Outputs are
+the backend computes in); `_run` receives the conformed feed and trusts it. Outputs are
 produced in the spec's dtype and callers never re-cast them. Backends register by name; `open_engines`
 picks one (`auto` = fastest available).
 """

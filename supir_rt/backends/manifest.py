@@ -1,6 +1,6 @@
 """Self-describing engine artifacts: names, the JSON manifest beside each file, and its check.
 
-Every exported ONNX graph and every TensorRT plan gets a manifest (STYLE G14) recording what it is
+Every exported ONNX graph and every TensorRT plan gets a manifest recording what it is
 (network, I/O spec, model-config fingerprint, precision), how it was made (exporter, opset, tool
 versions, build settings) and from what (hash of the weights and of the source checkpoints). At load
 time `check_manifest` compares the manifest with what the runtime expects and refuses a mismatch

@@ -1,6 +1,6 @@
 """One `nn.Module` per exported network, with positional tensor inputs in spec order.
 
-These adapt the reference model's signatures to the I/O contract of `specs.py` (STYLE G5): the
+These adapt the reference model's signatures to the I/O contract of `specs.py`: the
 PyTorch backend runs them and the ONNX exporter traces them, so both see the same computation.
 Per-step values (timestep, control_scale) are inputs, never constants.
 """

@@ -7,7 +7,7 @@
 * ``sidecar``: the contents of ``<image>.txt`` beside each image (``IMAGE.png`` -> ``IMAGE.txt``);
 * ``llava``: LLaVA-1.5 over ONNX Runtime from an exported folder (``llava.py``; heavy imports are lazy).
 
-The pipeline captions the stage-1 image (reference §4.3) and joins caption and quality prompt with
+The pipeline captions the stage-1 image and joins caption and quality prompt with
 ``join_prompt``; ``check_truncation`` reports when CLIP's 77-token window cuts the quality prompt.
 """
 
