@@ -91,7 +91,11 @@ class Restored:
 
 
 class Restorer:
-    """Holds the engines and the pipeline; `restore` / `restore_file` run one image each."""
+    """Holds the engines and the pipeline; `restore` / `restore_file` run one image each.
+
+    ``progress``: False (default) reports nothing; True shows a status line per phase on a terminal
+    (unless the caller already activated a `supir_rt.progress.Progress`); a `Progress` instance collects
+    the phase times of every call (its `summary_line`) and shows them as it is configured to."""
 
     def __init__(
         self,

@@ -114,7 +114,7 @@ def make_captioner(
         return NoCaptioner()
     if kind == "text":
         if text is None:
-            raise ValueError("captioner 'text' needs text=... (the caption to use)")
+            raise UserError("captioner 'text' needs text=... (the caption to use; --caption TEXT on the command line)")
         return TextCaptioner(text)
     if kind == "sidecar":
         return SidecarCaptioner(**kw)
@@ -122,4 +122,4 @@ def make_captioner(
         from supir_rt.caption.llava import LlavaCaptioner
 
         return LlavaCaptioner(model_dir, precision, seed=seed, sample=sample, **kw)
-    raise ValueError(f"unknown captioner {kind!r}; choose one of {', '.join(CAPTIONERS)}")
+    raise UserError(f"unknown captioner {kind!r}; choose one of {', '.join(CAPTIONERS)}")

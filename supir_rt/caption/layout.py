@@ -30,7 +30,7 @@ ENV_MODEL_DIR = "SUPIR_RT_LLAVA_DIR"
 
 def decoder_file(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+        raise UserError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     return f"decoder_{precision}.onnx"
 
 
