@@ -287,7 +287,7 @@ class Restorer:
         name = source or "image"
         try:
             sizes = processing_sizes(*loaded.size, config.upscale, config.min_size)
-        except ValueError as err:
+        except UserError as err:  # too small for SUPIR: name the image
             raise ImageError(f"{name}: {err}") from None
         pw, ph = sizes.processing
         if self.max_processing_pixels is not None and pw * ph > self.max_processing_pixels:

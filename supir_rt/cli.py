@@ -373,7 +373,10 @@ def build_restorer(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any
 def run_restore(args: argparse.Namespace) -> int:
     """The ``restore`` sub-command; returns the exit code (0 ok, 2 bad input or setup)."""
     progress = Progress(display=False if args.quiet else None)
-    with progress:
+    if progress.display or args.verbose:
+        with progress:  # the pipeline's phases report to it (per-step timing: a StepInfo per step)
+            code = _restore_all(args, progress)
+    else:  # nobody looks: no per-step callback at all in the sampler loop
         code = _restore_all(args, progress)
     if getattr(args, "verbose", False) and progress.totals:
         print(progress.summary_line(), file=sys.stderr)
