@@ -320,9 +320,7 @@ def tiny_engines_cache() -> Path:
 
 def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | torch.device) -> str:
     """``auto``: the torch backend when there are no exported engines, else the fastest available."""
-    from supir_rt.backends import resolve_backend
-
-    from supir_rt.backends import available_backends
+    from supir_rt.backends import available_backends, resolve_backend
 
     if backend == "auto" and engines_dir is None:
         return "torch"

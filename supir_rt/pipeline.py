@@ -14,13 +14,15 @@ Stages, in order:
    `prompt_for`        captioner needs pixels; caption + quality prompt joined as the official code does;
 5. `encode_prompt`,    text encoders once per distinct prompt, fixed 1024/0/1024 size conditioning;
    `prepare_condition`
-6. `sample`            restoration-guided EDM sampling over the `unet_adaptor` engine;
+6. `sample`            restoration-guided EDM sampling over the `unet_adaptor` engine (or, with
+                       ``sampler="dpmpp2m-sde"``, the few-step DPM++ 2M SDE of the Lightning config);
 7. `decode`            VAE decoder, with a check for non-finite values (fp16 overflow);
 8. `color_fix`         Wavelet / AdaIN / none against the stage-1 image;
 9. `postprocess`       torch bicubic back to upscale × input size, truncating uint8 conversion.
 
 All networks are reached through `Engine.infer` only (`supir_rt.backends`); nothing here knows which
-backend runs them. All randomness comes from one `NoiseSource`.
+backend runs them. All randomness comes from one `NoiseSource`. Each stage reports its phase
+(``caption``, ``encode``, ``sampling`` with steps, ``decode``) through `supir_rt.progress.phase`.
 """
 
 from __future__ import annotations
