@@ -278,7 +278,8 @@ class Restorer:
         if isinstance(self.progress, Progress):
             return self.progress
         if self.progress and active_progress() is None:
-            return Progress()
+            progress = Progress()
+            return progress if progress.display else None  # nothing to show: no per-step callback
         return None
 
     def _check_size(self, loaded: LoadedImage, config: RestoreConfig, source: Path | None) -> None:

@@ -358,7 +358,8 @@ def build_restorer(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any
     dtype = args.dtype or rt.get("dtype") or ("fp16" if str(device).startswith("cuda") else "fp32")
     backend = args.backend or rt.get("backend") or "auto"
     engines_dir = args.engines_dir or rt.get("engines_dir")
-    options: dict[str, Any] = {"progress": not args.quiet, "captioner": make_captioner_from_args(args)}
+    # progress: the command activates its own `Progress` (run_restore), the Restorer adds none
+    options: dict[str, Any] = {"progress": False, "captioner": make_captioner_from_args(args)}
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
     if args.tiny_random:
@@ -462,7 +463,12 @@ class _ProgressAwareHandler(logging.StreamHandler):
 def build_parser() -> argparse.ArgumentParser:
     from supir_rt import __version__
 
-    parser = argparse.ArgumentParser(prog="supir-rt", description="SUPIR image restoration runtime")
+    parser = argparse.ArgumentParser(
+        prog="supir-rt", description="SUPIR image restoration runtime",
+        epilog="examples:\n  supir-rt restore photo.jpg -o restored.png\n  supir-rt restore --help      every restore "
+        "option, with examples\n  supir-rt caption photo.jpg --model-dir llava-13b-onnx",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"supir-rt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_restore_parser(sub)
