@@ -8,6 +8,7 @@ Engine folders that need real exported engines are in tests/backends/test_engine
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,9 @@ from supir_rt.backends.specs import NETWORKS, network_specs
 from supir_rt.config import ModelConfig
 from supir_rt.errors import SettingError, UserError
 from supir_rt.restore_config import RestoreConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_sampler_choice import toy_engines  # noqa: E402
 
 
 def run(argv, capsys):
@@ -53,8 +57,6 @@ def one_error_line(err: str) -> str:
     (["--noise-device", "nonsense"], "error: --noise-device 'nonsense': not a device name"),
 ])
 def test_bad_settings_name_the_flag_the_user_typed(tmp_path, src, capsys, flags, expect, monkeypatch):
-    from test_sampler_choice import toy_engines
-
     from supir_rt.api import Restorer
 
     monkeypatch.setattr(cli, "build_restorer", lambda args, cfg: Restorer(toy_engines()[0], ModelConfig.tiny()))
