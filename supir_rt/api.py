@@ -129,7 +129,7 @@ class Restorer:
         """Load the official SDXL base + SUPIR-v0Q/v0F checkpoints (torch backend), or open exported
         engines from ``engines_dir`` (onnxruntime/tensorrt backends, which need no PyTorch model)."""
         config = config or ModelConfig.official()
-        backend = _pick_backend(backend, engines_dir, device)
+        backend = _pick_backend(backend, engines_dir, device, config, dtype)
         desc = {"backend": backend, "dtype": dtype, "device": str(device), "model": config.name,
                 "sdxl": Path(sdxl).name if sdxl else None, "supir": Path(supir).name if supir else None}
         if backend.startswith("torch"):
@@ -152,7 +152,7 @@ class Restorer:
                      config: ModelConfig | None = None, **kwargs: Any) -> Restorer:
         """Open exported engines (no PyTorch model is built)."""
         config = config or ModelConfig.official()
-        backend = _pick_backend(backend, engines_dir, "cpu")
+        backend = _pick_backend(backend, engines_dir, "cpu", config, dtype)
         if backend.startswith("torch"):
             raise SetupError(
                 f"backend {backend!r} runs the PyTorch model from checkpoint files, not exported engines; "
@@ -172,7 +172,8 @@ class Restorer:
         config = ModelConfig.tiny()
         dev, dt = check_device(device), parse_dtype(dtype)
         _warn_precision(dev, dt)
-        backend = _pick_backend(backend, engines_dir, dev)  # auto: torch, or the engine backend with engines_dir
+        # auto: torch, or with engines_dir the engine backend whose artifacts there are usable
+        backend = _pick_backend(backend, engines_dir, dev, config, dtype)
         if not backend.startswith("torch"):
             _check_engine_dtype(dtype)
             if engines_dir is not None:
@@ -319,21 +320,27 @@ def tiny_engines_cache() -> Path:
     return Path(base) / "supir-rt" / "tiny-random-engines"
 
 
-def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | torch.device) -> str:
-    """``auto``: the torch backend when there are no exported engines, else the fastest available."""
+def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | torch.device,
+                  config: ModelConfig | None = None, dtype: str | None = None) -> str:
+    """``auto``: the torch backend when there are no exported engines, else the fastest available whose
+    artifacts in `engines_dir` are usable here (TensorRT only with valid plans for this GPU)."""
     from supir_rt.backends import available_backends, resolve_backend
 
     if backend == "auto" and engines_dir is None:
         return "torch"
+    artifacts = (None if engines_dir is None or config is None or dtype is None
+                 else {"artifact_dir": engines_dir, "config": config, "precision": dtype})
     try:
-        return resolve_backend(backend, needs_artifacts=engines_dir is not None)
-    except (RuntimeError, ValueError):
+        return resolve_backend(backend, needs_artifacts=engines_dir is not None, artifacts=artifacts)
+    except (RuntimeError, ValueError) as err:
         status = available_backends()
         usable = ", ".join(name for name, reason in status.items() if reason is None)
-        if backend in status:
+        if status.get(backend) is not None:
             raise SetupError(f"--backend {backend} is not available here ({status[backend]}); "
                              f"usable here: {usable}") from None
-        raise SetupError(f"--backend {backend}: unknown backend; usable here: {usable}") from None
+        if backend != "auto" and backend not in status:
+            raise SetupError(f"--backend {backend}: unknown backend; usable here: {usable}") from None
+        raise SetupError(f"--backend {backend}: {err}") from None
 
 
 def _check_engine_dtype(dtype: str) -> None:
@@ -375,7 +382,7 @@ def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str |
     _check_engine_dtype(dtype)
     try:
         return open_engines(backend, config=config, artifact_dir=engines_dir, precision=dtype)
-    except ArtifactError as err:
+    except ArtifactError as err:  # missing, stale or foreign artifacts: the message names the fix
         raise SetupError(f"--engines-dir {engines_dir}: {err}") from None
 
 
