@@ -1,4 +1,4 @@
-"""The ``supir-rt`` command: ``restore`` (and ``caption`` when the captioning package is present).
+"""The ``supir-rt`` command: ``restore``, ``ui`` (`supir_rt.ui`), and ``caption`` when captioning is present.
 
 A thin layer over `supir_rt.api.Restorer`: parse flags into a `RestoreConfig`, find the weights, plan
 every output before any work, then restore image by image. A bad option, input or setup (any
@@ -292,7 +292,15 @@ def add_restore_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="none (default), sidecar (IMAGE.txt beside each image), llava (needs --llava-dir)")
     c.add_argument("--llava-dir", type=Path, default=None, help="exported LLaVA folder for --captioner llava")
 
-    r = p.add_argument_group("runtime and weights")
+    add_runtime_options(p)
+    p.set_defaults(func=run_restore)
+    return p
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """Weights, backend, device and logging flags, shared by every command that loads the model
+    (``restore``, ``ui``); `build_restorer` reads them."""
+    r = parser.add_argument_group("runtime and weights")
     r.add_argument("--sdxl", type=Path, help=f"SDXL base checkpoint ({SDXL_FILE}); env ${ENV_SDXL}")
     r.add_argument("--supir", type=Path, help=f"SUPIR checkpoint ({SUPIR_FILES['Q']} or {SUPIR_FILES['F']}); env ${ENV_SUPIR}")
     r.add_argument("--supir-variant", choices=("Q", "F", "q", "f"), default=None,
@@ -313,8 +321,6 @@ def add_restore_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("-v", "--verbose", action="store_true",
                    help="print the time spent in each phase (load, caption, encode, sampling, decode, save) at the end")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=run_restore)
-    return p
 
 
 def restore_config_from_args(args: argparse.Namespace) -> RestoreConfig:
@@ -369,6 +375,12 @@ def build_restorer(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any
     weights = find_weights(args, file_cfg)
     return Restorer.from_weights(weights.sdxl, weights.supir, device=device, dtype=dtype, backend=backend,
                                  engines_dir=engines_dir, **options)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a command reports as one ``error:`` line: `UserError` only (bad option, input or setup);
+    anything else is a bug and keeps its traceback."""
+    return (UserError,)
 
 
 def run_restore(args: argparse.Namespace) -> int:
@@ -478,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_caption_parser(sub)
+    from supir_rt.ui.cli import add_ui_parser  # gradio itself is imported only when the command runs
+
+    add_ui_parser(sub)
     return parser
 
 

@@ -115,7 +115,7 @@ def restore_preset(name: str) -> RestoreConfig:
     try:
         return RESTORE_PRESETS[name]
     except KeyError:
-        raise SettingError("preset", name, f"choose one of {', '.join(RESTORE_PRESETS)}") from None
+        raise SettingError("preset", name, f"unknown preset; choose one of {', '.join(RESTORE_PRESETS)}") from None
 
 
 __all__ = [
