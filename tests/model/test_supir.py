@@ -112,9 +112,29 @@ def test_network_call_contract_on_tiny(tiny_model, tiny_config):
     assert shapes == expected
     eps = tiny_model.model.diffusion_model(x, timesteps=t, context=ctx, y=y, control=feats, control_scale=0.7)
     assert eps.shape == x.shape and torch.isfinite(eps).all()
-    # the fused call used by the denoiser computes the same thing
-    fused = tiny_model.network(x, t, {"crossattn": ctx, "vector": y, "control": lq}, 0.7)
-    torch.testing.assert_close(fused, eps, rtol=0, atol=0)
+
+
+def test_network_routes_the_lq_latent_only_through_the_hint_block(tiny_config):
+    """`SUPIRModel.network(x_in, t, cond, s)`: cond["control"] (the LQ latent) must reach the adaptor
+    only through `input_hint_block`, x_in both trunks, and s the connectors. With the hint block zeroed,
+    changing the LQ latent changes nothing, while changing x_in does; at s = 0 the adaptor is off."""
+    torch.manual_seed(3)
+    model = build_model(tiny_config)
+    b, h, w = 2, 8, 8
+    x, lq, lq2 = torch.randn(b, 4, h, w), torch.randn(b, 4, h, w), torch.randn(b, 4, h, w)
+    t = torch.tensor([700, 50])
+    cond = {"crossattn": torch.randn(b, 77, tiny_config.network_config.context_dim),
+            "vector": torch.randn(b, tiny_config.network_config.adm_in_channels), "control": lq}
+    base = model.network(x, t, cond, 1.0)
+    assert not torch.allclose(model.network(x, t, cond | {"control": lq2}, 1.0), base)  # the LQ latent matters
+    with torch.no_grad():
+        model.model.control_model.input_hint_block[0].weight.zero_()
+        model.model.control_model.input_hint_block[0].bias.zero_()
+    hintless = model.network(x, t, cond, 1.0)
+    torch.testing.assert_close(model.network(x, t, cond | {"control": lq2}, 1.0), hintless, rtol=0, atol=0)
+    assert not torch.allclose(model.network(x + 0.5, t, cond, 1.0), hintless)
+    plain = model.model.diffusion_model(x, timesteps=t, context=cond["crossattn"], y=cond["vector"], control=None)
+    torch.testing.assert_close(model.network(x, t, cond, 0.0), plain, rtol=0, atol=0)
 
 
 def test_build_model_casts_without_fp32_copy_and_inits_all():
