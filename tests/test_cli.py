@@ -8,7 +8,6 @@ Most runs use a `Restorer` over the toy engines of test_pipeline.py (patched int
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import zlib
 from pathlib import Path
