@@ -6,7 +6,7 @@ what it was built from, and must match this GPU, this TensorRT and the ONNX file
 (`manifest.check_plan`). `tensorrt` is imported lazily: without it (or without a GPU, or with a
 TensorRT outside 10.x) the backend is registered but unavailable, with the reason.
 
-How the engines opened together run (the serving design of NVIDIA's diffusion demo, STYLE G17):
+How the engines opened together run (the serving design of NVIDIA's diffusion demo):
 
 * **One activation arena.** Contexts are created with USER_MANAGED device memory; one buffer, grown
   to the largest requirement of the (engine, profile) pairs actually used, is given to every
