@@ -1,4 +1,9 @@
-"""Batched restores (one unet_adaptor call per step for several requests) against single restores."""
+"""Batched restores (one unet_adaptor call per step for several requests) against single restores.
+
+Equality is to the uint8 output of the single run, up to the rounding a batched convolution may add on CPU:
+at most 1 grey level on at most 0.1 % of the values (a wrong noise stream or conditioning changes most
+pixels by far more).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ from supir_rt.batching import BatchItem, batch_key, batchable, group_by_key, run
 from supir_rt.restore_config import RestoreConfig
 
 FAST = dict(num_steps=3, min_size=128)
+
+
+def assert_same_image(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype == np.uint8
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), (diff > 0).mean())
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +56,7 @@ def test_batched_outputs_equal_single_restores(restorer):
     assert calls == [6] * FAST["num_steps"]  # one call per step, CFG pairs of 3 requests
     for item, got in zip(items, batched):
         want = restorer.restore(item.image, item.config, caption=item.caption)
-        np.testing.assert_array_equal(got.image, np.asarray(want.image))
+        assert_same_image(got.image, np.asarray(want.image))
         assert got.seed == item.config.seed and got.prompt == want.result.prompt
     # different seeds give different images (the noise streams really are per request)
     assert not np.array_equal(batched[0].image, batched[1].image)
@@ -55,7 +66,7 @@ def test_restoration_guidance_batches(restorer):
     cfg = dict(FAST, restore_cfg=4.0)
     items = [BatchItem(_image(3), RestoreConfig(seed=5, **cfg)), BatchItem(_image(4), RestoreConfig(seed=6, **cfg))]
     for item, got in zip(items, run_batch(restorer.pipeline, items)):
-        np.testing.assert_array_equal(got.image, np.asarray(restorer.restore(item.image, item.config).image))
+        assert_same_image(got.image, np.asarray(restorer.restore(item.image, item.config).image))
 
 
 def test_batch_key_and_grouping():
