@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_caption_parser(sub)
+    from supir_rt.serve.cli import add_serving_parsers  # serve, triton-repo, triton
+
+    add_serving_parsers(sub)
     return parser
 
 

@@ -158,8 +158,9 @@ def decode_image(data: bytes, limits: Limits = Limits(), *, field: str = "image"
     except UnidentifiedImageError:
         raise RequestError(400, field, f"{field} is not an image Pillow can read; send a PNG, JPEG, WebP, TIFF or "
                            "BMP file", "bad_image") from None
-    except Image.DecompressionBombError as err:
-        raise RequestError(413, field, f"{field}: {err}", "too_large") from None
+    except Image.DecompressionBombError:  # above Pillow's own limit, which it checks before ours
+        raise RequestError(413, field, f"{field} declares more pixels than Pillow decodes (decompression-bomb guard);"
+                           f" this server accepts up to {limits.max_image_pixels:,} pixels", "too_large") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise RequestError(400, field, f"{field}: the image data is damaged or truncated ({err})", "bad_image") from None
     try:

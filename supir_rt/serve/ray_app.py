@@ -25,7 +25,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,71 +32,13 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from supir_rt.serve.app_config import APP_NAME, AppConfig
 from supir_rt.serve.protocol import Limits, RequestError, decode_image, parse_settings
 from supir_rt.serve.worker import Job, Outcome, RestoreWorker, RuntimeOptions
 
 log = logging.getLogger("supir_rt.serve")
 
-APP_NAME = "supir"
 LATENCY_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600]
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    """Everything `build_app` takes (flat keys: the ``args`` of a Ray Serve config file)."""
-
-    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
-    limits: Limits = field(default_factory=Limits)
-    replicas: int = 1
-    min_replicas: int | None = None  # both set: autoscaling between them instead of a fixed count
-    max_replicas: int | None = None
-    target_ongoing_requests: float = 2.0  # autoscaling target per replica
-    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_replica: float = 1.0
-    max_batch_size: int = 4
-    batch_wait_s: float = 0.05
-    max_ongoing_requests: int = 4  # per replica
-    max_queued_requests: int = 16  # waiting for a replica, per caller
-    retry_after_s: float = 5.0
-
-    @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> AppConfig:
-        """From flat ``args`` (runtime, limit and deployment keys mixed); unknown keys are an error."""
-        groups = {"runtime": RuntimeOptions, "limits": Limits}
-        names = {name: [f.name for f in dataclasses.fields(kind)] for name, kind in groups.items()}
-        own = [f.name for f in dataclasses.fields(cls) if f.name not in groups]
-        parts: dict[str, dict[str, Any]] = {name: {} for name in groups}
-        top: dict[str, Any] = {}
-        for key, value in args.items():
-            target = next((g for g, keys in names.items() if key in keys), None)
-            if target is not None:
-                parts[target][key] = value
-            elif key in own:
-                top[key] = value
-            else:
-                known = sorted(own + [k for keys in names.values() for k in keys])
-                raise ValueError(f"unknown serve setting {key!r}; known: {', '.join(known)}")
-        config = cls(runtime=RuntimeOptions(**parts["runtime"]), limits=Limits(**parts["limits"]), **top)
-        config.check()
-        return config
-
-    def as_args(self) -> dict[str, Any]:
-        out = {**dataclasses.asdict(self.runtime), **dataclasses.asdict(self.limits)}
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("runtime", "limits")})
-        return out
-
-    def check(self) -> None:
-        if self.replicas < 1:
-            raise ValueError(f"replicas={self.replicas}: use at least 1")
-        if (self.min_replicas is None) != (self.max_replicas is None):
-            raise ValueError("autoscaling needs both min_replicas and max_replicas")
-        if self.min_replicas is not None and not 0 <= self.min_replicas <= self.max_replicas:
-            raise ValueError(f"min_replicas={self.min_replicas}, max_replicas={self.max_replicas}: need 0 <= min <= max")
-        if self.max_batch_size < 1 or self.max_ongoing_requests < 1 or self.max_queued_requests < 1:
-            raise ValueError("max_batch_size, max_ongoing_requests and max_queued_requests must be >= 1")
-        if self.max_batch_size > self.max_ongoing_requests:
-            raise ValueError(f"max_batch_size={self.max_batch_size} > max_ongoing_requests={self.max_ongoing_requests}: "
-                             "a replica can only batch requests it holds; raise max_ongoing_requests")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +176,11 @@ class ApiDeployment:
         except asyncio.TimeoutError:
             err = RequestError(504, "request_timeout_s", f"the request took longer than this server's limit of "
                                f"{self.limits.request_timeout_s:g} s", "timeout")
+            response = _error(err)
+            self.errors.inc(tags={"route": route, "kind": err.kind})
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure is one JSON 500, never a traceback
+            log.exception("request failed")
+            err = RequestError(500, "server", f"internal error ({type(exc).__name__}); see the server log", "internal")
             response = _error(err)
             self.errors.inc(tags={"route": route, "kind": err.kind})
         self.requests.inc(tags={"route": route, "status": str(response.status_code)})
