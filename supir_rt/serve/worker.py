@@ -7,6 +7,7 @@ callable. It is not thread-safe (neither is `Restorer`): each server gives it on
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -109,7 +110,7 @@ class RestoreWorker:
         from supir_rt import __version__
 
         return {"runtime": self.restorer.description, "device": self.device, "supir_rt": __version__,
-                "max_batch_size": self.max_batch_size, "captioner": self.options.captioner}
+                "max_batch_size": self.max_batch_size, "captioner": self.options.captioner, "pid": os.getpid()}
 
     def run(self, jobs: Sequence[Job]) -> list[Outcome]:
         """One `Outcome` per job, in order. A failing request never fails the others."""

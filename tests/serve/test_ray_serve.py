@@ -1,8 +1,9 @@
-"""The Ray Serve application on a real local Ray instance (2 tiny-model replicas, 127.0.0.1 only).
+"""`supir-rt serve --tiny-random --replicas 2` on a real local Ray instance (127.0.0.1 only).
 
-One Ray instance and one application for the module (starting them takes ~20 s on 2 cores); the tests
-run in file order and the replica-kill test comes last. Expected images come from `Restorer` in this
-process and, for one request, from the `supir-rt restore` CLI.
+One server for the module, started as the command users run (starting Ray and the replicas takes
+20-60 s on 2 busy cores) and stopped with SIGINT at the end, which must exit 0. The tests run in file
+order; the replica-kill test comes last. Expected images come from `Restorer` in this process and, for
+one request, from the `supir-rt restore` CLI.
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 pytest.importorskip("fastapi")
 requests = pytest.importorskip("requests")
 
@@ -27,30 +33,45 @@ from supir_rt.serve.protocol import png_metadata  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[2]
 MAX_BODY = 1024 * 1024
-APP_ARGS = {
-    "tiny_random": True, "replicas": 2, "cpus_per_replica": 0.5, "max_ongoing_requests": 4, "max_batch_size": 4,
-    "max_queued_requests": 12, "retry_after_s": 2.0, "max_body_bytes": MAX_BODY, "max_image_pixels": 4_000_000,
-    "max_processing_pixels": 300_000,  # the tiny model's CPU attention needs GBs above ~1 Mpx
-    "request_timeout_s": 120.0,
-}
+SERVE_FLAGS = [
+    "--tiny-random", "--replicas", "2", "--num-cpus", "2", "--cpus-per-replica", "0.5", "--object-store-mb", "200",
+    "--max-ongoing-requests", "4", "--max-batch-size", "4", "--max-queued-requests", "12", "--retry-after", "2",
+    "--max-body-mb", "1", "--max-image-pixels", "4000000", "--request-timeout", "120",
+    "--max-processing-pixels", "300000",  # the tiny model's CPU attention needs GBs above ~1 Mpx
+]
 
 
 @pytest.fixture(scope="module")
-def url():
-    from ray import serve
-
-    from supir_rt.serve.ray_app import APP_NAME, build_app
-
+def url(tmp_path_factory):
     port = free_port()
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+           "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
+    proc = subprocess.Popen([sys.executable, "-m", "supir_rt.cli", "serve", "--port", str(port), *SERVE_FLAGS],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(APP_ARGS), name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"supir-rt serve exited with {proc.returncode}: {proc.stdout.read().decode()[-3000:]}")
+            try:
+                if requests.get(f"{base}/v1/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening or not routing yet
+                pass
+            assert time.monotonic() < deadline, "supir-rt serve did not come up in 180 s"
+            time.sleep(1)
+        yield base
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        proc.send_signal(signal.SIGINT)
+        try:
+            out = proc.communicate(timeout=120)[0].decode()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0].decode()
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
 
 
 def post(url: str, image: bytes, settings: dict | str | None = None, *, params=None, timeout=120, **fields):
@@ -91,6 +112,7 @@ def test_health_and_info(url):
     info = requests.get(f"{url}/v1/info", timeout=30).json()
     assert info["model"]["runtime"]["model"] == "tiny-random" and info["model"]["device"] == "cpu"
     assert info["limits"]["max_body_bytes"] == MAX_BODY and info["deployment"]["replicas"] == 2
+    assert info["deployment"]["max_queued_requests"] == 12 and info["limits"]["max_processing_pixels"] == 300_000
 
 
 def test_16_concurrent_requests_across_2_replicas(url, reference_restorer, tmp_path):
@@ -173,13 +195,12 @@ def test_replica_killed_during_load(url, reference_restorer):
     requests succeed. The server writes no files, so nothing can be left half-written."""
     image = png_bytes(6)
     settings = {**FAST, "num_steps": 6, "seed": 2}
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SupirRestorer" in a["name"]]
-    assert len(replicas) == 2
-    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+    pids = {requests.get(f"{url}/v1/info", timeout=30).json()["model"]["pid"] for _ in range(10)}
+    victim = min(pids)  # a model replica of the server this module started
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(post, url, image, settings) for _ in range(8)]
         time.sleep(1.0)
-        ray.kill(victim, no_restart=True)
+        os.kill(victim, signal.SIGKILL)
         responses = [f.result() for f in futures]
     want = expected(reference_restorer, image, num_steps=6, seed=2)
     for r in responses:
