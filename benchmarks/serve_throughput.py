@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-size", type=int, default=128)
     p.add_argument("--size", default="48x40", help="input image WxH")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="GPU share per replica (0 = CPU; 0.5 puts 2 replicas on one GPU)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             for batching in args.batching.split(","):
                 batch = args.max_batch_size if batching == "on" else 1
                 app_args = {"tiny_random": True, "replicas": replicas, "cpus_per_replica": args.num_cpus / replicas / 2,
+                            "gpus_per_replica": args.gpus_per_replica,
                             "max_batch_size": batch, "max_ongoing_requests": max(batch, 4), "max_queued_requests": 64}
                 serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
                 for _ in range(replicas * 2):  # warm-up: first calls of each replica
