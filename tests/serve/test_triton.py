@@ -190,7 +190,9 @@ def test_bundled_tritonserver_runs_generated_model_py(reference_restorer, tmp_pa
         [str(binary), "--model-repository", str(repo), "--backend-directory", str(backends),
          "--http-address", "127.0.0.1", "--http-port", str(http), "--grpc-address", "127.0.0.1",
          "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--allow-gpu-metrics", "false",
-         "--exit-timeout-secs", "5"],
+         "--exit-timeout-secs", "5",
+         # the stub must answer Triton's health checks; on 2 shared, overloaded cores 30 s (the default) was missed once
+         "--backend-config", "python,stub-timeout-seconds=120"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     client = httpclient.InferenceServerClient(f"127.0.0.1:{http}", concurrency=8)
     try:
