@@ -61,13 +61,31 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _runtime(args: argparse.Namespace) -> dict[str, Any]:
+    """The replicas' `RuntimeOptions` as a dict. Weights are looked up (and must exist) on this machine,
+    except for --print-config, whose paths are those of the cluster's workers, taken as given."""
     sdxl, supir = args.sdxl, args.supir
+    remote = getattr(args, "print_config", False)
     if not args.tiny_random and not args.engines_dir:
-        from supir_rt.cli import find_weights, read_config_file
+        if remote:
+            from supir_rt.api import SDXL_FILE, SUPIR_FILES, SetupError
 
-        found = find_weights(args, read_config_file(None))
-        sdxl, supir = found.sdxl, found.supir
-    path = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731 - replicas may run elsewhere
+            folder = args.weights_dir
+            variant = (args.supir_variant or "Q").upper()
+            sdxl = sdxl or (folder / SDXL_FILE if folder else None)
+            supir = supir or (folder / SUPIR_FILES[variant] if folder else None)
+            if not (sdxl and supir):
+                raise SetupError("--print-config needs the workers' weight paths: --sdxl and --supir, or --weights-dir "
+                                 "(or --engines-dir, or --tiny-random)")
+        else:
+            from supir_rt.cli import find_weights, read_config_file
+
+            found = find_weights(args, read_config_file(None))
+            sdxl, supir = found.sdxl, found.supir
+
+    def path(p: Any) -> str | None:  # absolute: replicas may start in another folder
+        if not p:
+            return None
+        return str(p) if remote else str(Path(p).resolve())
     return {"tiny_random": args.tiny_random, "sdxl": path(sdxl), "supir": path(supir),
             "engines_dir": path(args.engines_dir), "backend": args.backend, "device": args.device,
             "dtype": args.dtype, "captioner": args.captioner, "llava_dir": path(args.llava_dir)}

@@ -35,3 +35,14 @@ def test_bad_flags_are_one_error_line(argv, words, capsys):
     assert main(["serve", "--tiny-random", "--print-config", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err and err.count("\n") == 1
+
+
+def test_print_config_takes_the_workers_weight_paths_as_given(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no weights on this machine
+    assert main(["serve", "--print-config", "--weights-dir", "/weights"]) == 0
+    args = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]
+    assert (args["sdxl"], args["supir"]) == ("/weights/sd_xl_base_1.0_0.9vae.safetensors", "/weights/SUPIR-v0Q.ckpt")
+    assert main(["serve", "--print-config"]) == 2
+    assert "--print-config needs the workers' weight paths" in capsys.readouterr().err
+    assert main(["serve", "--port", "1"]) == 2  # serving here needs the weights here
+    assert "weights are missing" in capsys.readouterr().err
