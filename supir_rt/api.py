@@ -26,11 +26,14 @@ from PIL import Image
 
 from supir_rt.backends import Engine, open_engines
 from supir_rt.config import ModelConfig
+from supir_rt.errors import UserError
 from supir_rt.images import (
     DEFAULT_MAX_PIXELS, ImageError, LoadedImage, check_output_path, from_pil, load_image, save_image,
 )
 from supir_rt.memory import TilingError, TilingPlan
 from supir_rt.pipeline import Pipeline, RestoreResult
+from supir_rt.progress import Progress, phase
+from supir_rt.progress import active as active_progress
 from supir_rt.restore_config import RestoreConfig
 from supir_rt.sampler import StepInfo
 
@@ -43,7 +46,7 @@ SUPIR_FILES = {"Q": "SUPIR-v0Q.ckpt", "F": "SUPIR-v0F.ckpt"}
 DEFAULT_MAX_PROCESSING_PIXELS = 16 * 1024 * 1024
 
 
-class SetupError(ValueError):
+class SetupError(UserError):
     """The runtime cannot be set up as asked (device, dtype, backend, engines); the message says how to fix it."""
 
 
@@ -75,7 +78,7 @@ def _warn_precision(device: torch.device, dtype: torch.dtype) -> None:
 
 def _cast_diffusion(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """UNet + control model in ``dtype``; VAE and text encoders stay as they are (fp32): the SDXL VAE
-    overflows in fp16 (reference §10.27)."""
+    overflows in fp16."""
     model.model.to(dtype)
 
 
@@ -89,7 +92,11 @@ class Restored:
 
 
 class Restorer:
-    """Holds the engines and the pipeline; `restore` / `restore_file` run one image each."""
+    """Holds the engines and the pipeline; `restore` / `restore_file` run one image each.
+
+    ``progress``: False (default) reports nothing; True shows a status line per phase on a terminal
+    (unless the caller already activated a `supir_rt.progress.Progress`); a `Progress` instance collects
+    the phase times of every call (its `summary_line`) and shows them as it is configured to."""
 
     def __init__(
         self,
@@ -100,7 +107,7 @@ class Restorer:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_processing_pixels: int | None = DEFAULT_MAX_PROCESSING_PIXELS,
         skip_unused_work: bool = True,
-        progress: bool = False,
+        progress: bool | Progress = False,
         description: Mapping[str, Any] | None = None,
     ) -> None:
         self.engines = dict(engines)
@@ -166,7 +173,12 @@ class Restorer:
         config = ModelConfig.tiny()
         dev, dt = check_device(device), parse_dtype(dtype)
         _warn_precision(dev, dt)
-        backend = "torch" if backend == "auto" else backend
+        # auto: torch, or with engines_dir the engine backend whose artifacts there are usable
+        backend = _pick_backend(backend, engines_dir, dev, config, dtype)
+        if not backend.startswith("torch"):
+            _check_engine_dtype(dtype)
+            if engines_dir is not None:
+                _refuse_foreign_engines(Path(engines_dir), config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model(config, device=dev)
@@ -214,13 +226,15 @@ class Restorer:
         for note in loaded.notes:
             log.info("%s: %s", source or "image", note)
         plan = self._check_size(loaded, config, source)
-        bars = _PhaseBars() if self.progress else None
+        progress = self._progress_for_call()
+        token = progress.activate() if progress is not None else None
         try:
             result = self.pipeline.run(loaded.rgb, config, caption=caption, captioner=self.captioner,
-                                       source=source, callback=callback, progress=bars, tiling=plan)
+                                       source=source, callback=callback, tiling=plan)
         finally:
-            if bars is not None:
-                bars.close()
+            if progress is not None:
+                progress.deactivate(token)
+                progress.clear()
         out = Image.fromarray(result.image, "RGB")
         if loaded.alpha is not None:
             out.putalpha(loaded.alpha.resize(out.size, Image.Resampling.BICUBIC))
@@ -251,7 +265,8 @@ class Restorer:
         restored = self.restore(loaded, config, caption=caption, source=input_path, callback=callback)
         rgb = restored.image.convert("RGB") if restored.image.mode == "RGBA" else restored.image
         alpha = restored.image.getchannel("A") if restored.image.mode == "RGBA" else None
-        save_image(output_path, rgb, alpha=alpha, metadata=restored.metadata, icc_profile=loaded.icc_profile)
+        with phase("save"):
+            save_image(output_path, rgb, alpha=alpha, metadata=restored.metadata, icc_profile=loaded.icc_profile)
         return restored
 
     def metadata(self, result: RestoreResult, source: Path | None) -> dict[str, Any]:
@@ -273,6 +288,16 @@ class Restorer:
             "runtime": self.description,
         }
 
+    def _progress_for_call(self) -> Progress | None:
+        """The `Progress` to activate for one call: ``progress`` itself when it is one; a terminal
+        status line when it is True and the caller has not activated its own; else None."""
+        if isinstance(self.progress, Progress):
+            return self.progress
+        if self.progress and active_progress() is None:
+            progress = Progress()
+            return progress if progress.display else None  # nothing to show: no per-step callback
+        return None
+
     def _check_size(self, loaded: LoadedImage, config: RestoreConfig, source: Path | None) -> TilingPlan:
         """Size limits and the tiling plan, checked before any work (bad tiling settings raise here)."""
         from supir_rt.pipeline import processing_sizes
@@ -280,7 +305,7 @@ class Restorer:
         name = source or "image"
         try:
             sizes = processing_sizes(*loaded.size, config.upscale, config.min_size)
-        except ValueError as err:
+        except UserError as err:  # too small for SUPIR: name the image
             raise ImageError(f"{name}: {err}") from None
         pw, ph = sizes.processing
         if self.max_processing_pixels is not None and pw * ph > self.max_processing_pixels:
@@ -309,30 +334,6 @@ class Restorer:
         self.close()
 
 
-class _PhaseBars:
-    """One tqdm bar per progress phase (sampler steps or tiles x steps, tiled VAE passes), opened when
-    the phase starts and closed when the next one starts."""
-
-    def __init__(self) -> None:
-        self.phase: str | None = None
-        self.bar = None
-
-    def __call__(self, phase: str, n: int, total: int) -> None:
-        if phase != self.phase or self.bar is None or self.bar.n >= self.bar.total:
-            self.close()
-            from tqdm import tqdm
-
-            unit = "step" if phase == "sampling" else "tile"
-            self.bar = tqdm(total=total, desc=phase, unit=unit, leave=False, disable=None)
-            self.phase = phase
-        self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self.bar, self.phase = None, None
-
-
 def tiny_engines_cache() -> Path:
     """Where ``tiny_random`` exports its ONNX engines when no folder is given (reused across runs)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -343,7 +344,7 @@ def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | to
                   config: ModelConfig | None = None, dtype: str | None = None) -> str:
     """``auto``: the torch backend when there are no exported engines, else the fastest available whose
     artifacts in `engines_dir` are usable here (TensorRT only with valid plans for this GPU)."""
-    from supir_rt.backends import resolve_backend
+    from supir_rt.backends import available_backends, resolve_backend
 
     if backend == "auto" and engines_dir is None:
         return "torch"
@@ -352,7 +353,39 @@ def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | to
     try:
         return resolve_backend(backend, needs_artifacts=engines_dir is not None, artifacts=artifacts)
     except (RuntimeError, ValueError) as err:
-        raise SetupError(str(err)) from None
+        status = available_backends()
+        usable = ", ".join(name for name, reason in status.items() if reason is None)
+        if status.get(backend) is not None:
+            raise SetupError(f"--backend {backend} is not available here ({status[backend]}); "
+                             f"usable here: {usable}") from None
+        if backend != "auto" and backend not in status:
+            raise SetupError(f"--backend {backend}: unknown backend; usable here: {usable}") from None
+        raise SetupError(f"--backend {backend}: {err}") from None
+
+
+def _check_engine_dtype(dtype: str) -> None:
+    from supir_rt.backends.manifest import PRECISIONS
+
+    if dtype not in PRECISIONS:
+        raise SetupError(f"--dtype {dtype}: exported engines are built as {' or '.join(PRECISIONS)}; "
+                         f"pass --dtype {PRECISIONS[0]} or --dtype {PRECISIONS[1]} with an engine backend")
+
+
+def _refuse_foreign_engines(engines_dir: Path, config: ModelConfig) -> None:
+    """`tiny_random` exports into ``engines_dir``, replacing what does not match: refuse a folder that
+    holds engines of another model (e.g. built from the real checkpoints) instead of overwriting them."""
+    import json
+
+    for manifest in sorted(engines_dir.glob("*.json")) if engines_dir.is_dir() else ():
+        try:
+            name = json.loads(manifest.read_text()).get("config_name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name is not None and name != config.name:
+            raise SetupError(
+                f"--engines-dir {engines_dir} holds engines of the {name!r} model ({manifest.name}); "
+                f"--tiny-random would overwrite them: give it another --engines-dir, or drop --tiny-random"
+            )
 
 
 def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str | Path | None,
@@ -366,10 +399,11 @@ def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str |
         raise SetupError(f"engines folder {engines_dir} does not exist; build the engines first or fix --engines-dir")
     from supir_rt.backends.manifest import ArtifactError
 
+    _check_engine_dtype(dtype)
     try:
         return open_engines(backend, config=config, artifact_dir=engines_dir, precision=dtype)
-    except ArtifactError as err:  # missing, stale or foreign artifacts: the message names the rebuild command
-        raise SetupError(str(err)) from None
+    except ArtifactError as err:  # missing, stale or foreign artifacts: the message names the fix
+        raise SetupError(f"--engines-dir {engines_dir}: {err}") from None
 
 
 __all__ = [

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from supir_rt.config import ModelConfig
+from supir_rt.errors import UserError
 from supir_rt import vae_tiling
 from supir_rt.tiling import LATENT_FACTOR, plan_sampler_tiles, tiles_per_axis
 
@@ -139,7 +140,7 @@ class TilingPlan:
                 "budget_gib": round(self.budget_bytes / GiB, 2)}
 
 
-class TilingError(ValueError):
+class TilingError(UserError):
     """A tiling setting cannot work for this image or budget; the message names the option and a fix."""
 
 

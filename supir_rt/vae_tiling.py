@@ -486,49 +486,43 @@ __all__ = [
 # the tiled VAE behind the Engine protocol (so the pipeline's stage functions do not change)
 # --------------------------------------------------------------------------------------------------
 
-PhaseProgress = Callable[[str, int, int], None]
-"""``progress(phase, n, total)``: n more of ``total`` units of ``phase`` are done."""
-
-
 class TiledVAEEngine:
     """``dr_encoder`` / ``vae_encoder`` / ``vae_decoder`` with the engine's I/O contract, computed by the
     tiled VAE over the PyTorch `AutoencoderKL` (the same operations as `supir_rt.backends.modules`:
-    quant_conv / post_quant_conv, posterior mean, scale factor, untiled around the tiled trunk)."""
+    quant_conv / post_quant_conv, posterior mean, scale factor, untiled around the tiled trunk). Each
+    call is a progress phase of its own (`supir_rt.progress`) counting tile passes."""
 
     backend = "torch-tiled"
 
     def __init__(self, name: str, spec, vae: nn.Module, scale: float, *, tile_px: int, mode: VAETiling,
-                 keep: int = 0, progress: PhaseProgress | None = None) -> None:
+                 keep: int = 0) -> None:
         if name not in ("dr_encoder", "vae_encoder", "vae_decoder"):
             raise ValueError(f"no tiled VAE for network {name!r}")
         self.name, self.spec, self.vae, self.scale = name, spec, vae, scale
-        self.tile_px, self.mode, self.keep, self.progress = tile_px, mode, keep, progress
+        self.tile_px, self.mode, self.keep = tile_px, mode, keep
         p = next(vae.parameters())
         self.device, self.dtype = p.device, p.dtype
-
-    def _bar(self, phase: str, total: int) -> ProgressFn | None:
-        if self.progress is None:
-            return None
-        report = self.progress
-        return lambda n: report(phase, n, total)
 
     @torch.inference_mode()
     def infer(self, feed):
         from supir_rt.model.vae import DiagonalGaussian
+        from supir_rt.progress import phase
 
         if self.name == "vae_decoder":
             z = feed["latent"].to(self.device, self.dtype)
             h, w = z.shape[-2:]
             passes = decoder_passes(h, w, self.tile_px, self.mode, self.vae.decoder)
-            image = tiled_decode(self.vae.decoder, self.vae.post_quant_conv(z / self.scale), tile_px=self.tile_px,
-                                 mode=self.mode, keep=self.keep, progress=self._bar("VAE decode tiles", passes))
+            with phase("VAE decoder tiles", total=passes, unit="tile") as p:
+                image = tiled_decode(self.vae.decoder, self.vae.post_quant_conv(z / self.scale), tile_px=self.tile_px,
+                                     mode=self.mode, keep=self.keep, progress=p.advance)
             return {"image": image.float()}
         image = feed["image"].to(self.device, self.dtype)
         encoder = self.vae.denoise_encoder if self.name == "dr_encoder" else self.vae.encoder
         passes = encoder_passes(image.shape[-2], image.shape[-1], self.tile_px, self.mode, encoder)
-        label = "DR encoder tiles" if self.name == "dr_encoder" else "VAE encode tiles"
-        moments = self.vae.quant_conv(tiled_encode(encoder, image, tile_px=self.tile_px, mode=self.mode,
-                                                   keep=self.keep, progress=self._bar(label, passes)))
+        label = "DR encoder tiles" if self.name == "dr_encoder" else "VAE encoder tiles"
+        with phase(label, total=passes, unit="tile") as p:
+            moments = self.vae.quant_conv(tiled_encode(encoder, image, tile_px=self.tile_px, mode=self.mode,
+                                                       keep=self.keep, progress=p.advance))
         if self.name == "dr_encoder":
             return {"latent": (DiagonalGaussian.from_moments(moments).mode() * self.scale).float()}
         return {"moments": moments.float()}
@@ -547,17 +541,15 @@ def torch_vae(engines) -> tuple[nn.Module, float] | None:
     return vae, float(scale)
 
 
-def tiled_vae_engines(engines, *, tile_px: int, mode: VAETiling, keep: int = 0,
-                      progress: PhaseProgress | None = None) -> dict:
+def tiled_vae_engines(engines, *, tile_px: int, mode: VAETiling, keep: int = 0) -> dict:
     """Tiled replacements for the three VAE engines of a torch-backend engine dict."""
     found = torch_vae(engines)
     if found is None:
         raise ValueError("the tiled VAE needs the PyTorch VAE modules (backend torch); this backend runs the VAE "
                          "as one exported graph: use --vae-tiling none or --backend torch")
     vae, scale = found
-    return {name: TiledVAEEngine(name, engines[name].spec, vae, scale, tile_px=tile_px, mode=mode, keep=keep,
-                                 progress=progress)
+    return {name: TiledVAEEngine(name, engines[name].spec, vae, scale, tile_px=tile_px, mode=mode, keep=keep)
             for name in ("dr_encoder", "vae_encoder", "vae_decoder")}
 
 
-__all__ += ["PhaseProgress", "TiledVAEEngine", "tiled_vae_engines", "torch_vae"]
+__all__ += ["TiledVAEEngine", "tiled_vae_engines", "torch_vae"]
