@@ -9,7 +9,7 @@ rounded. This halves the resident UNet + adaptor (7.7 GB -> 3.9 GB for the offic
 
 Rounding error: e4m3 keeps 3 mantissa bits, so each weight in the normal range moves by at most
 2^-4 of itself (relative); weights below 2^-6 of the channel's scale, i.e. below 2^-6·max/448, are
-subnormal and move by at most 2^-9·scale. The measured effect on the network output is in
+subnormal and move by at most 2^-10·scale (half the subnormal spacing). The measured effect on the network output is in
 docs/cuda.md.
 
 On CUDA this is offered for GPUs with native fp8 (compute capability 8.9+: Ada, Hopper and newer);

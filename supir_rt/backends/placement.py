@@ -19,7 +19,7 @@ of the GPU-resident weights.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -176,9 +176,12 @@ class Offloader:
     A resident network gets an `Offloader` whose context does nothing.
     """
 
-    def __init__(self, modules: list[nn.Module], device: torch.device, *, resident: bool) -> None:
-        self.modules, self.device, self.resident = modules, torch.device(device), resident
-        self.events: list[str] = []  # "on" / "off", for tests and diagnostics
+    def __init__(self, modules: list[nn.Module], device: torch.device, *, resident: bool, name: str = "",
+                 log: list[tuple[str, str]] | None = None,
+                 transfer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.modules, self.device, self.resident, self.name = modules, torch.device(device), resident, name
+        self.log = [] if log is None else log  # (name, "on" | "off") per move, in order: diagnostics, tests
+        self.transfer = transfer or (lambda t: t.to(self.device, non_blocking=True))
 
     def _tensors(self) -> Iterator[torch.Tensor]:
         for m in self.modules:
@@ -192,20 +195,21 @@ class Offloader:
             return
         host = [(t, t.data) for t in self._tensors()]
         for t, h in host:
-            t.data = h.to(self.device, non_blocking=True)
-        self.events.append("on")
+            t.data = self.transfer(h)
+        self.log.append((self.name, "on"))
         try:
             yield
         finally:
             for t, h in host:
                 t.data = h
-            self.events.append("off")
+            self.log.append((self.name, "off"))
 
 
-def offloaders(model: nn.Module, plan: MemoryPlan) -> dict[str, Offloader]:
-    """One `Offloader` per network, over the parts of ``model`` that network reads."""
+def offloaders(model: nn.Module, plan: MemoryPlan, log: list[tuple[str, str]] | None = None) -> dict[str, Offloader]:
+    """One `Offloader` per network, over the parts of ``model`` that network reads (sharing ``log``)."""
+    log = [] if log is None else log
     return {name: Offloader([model.get_submodule(p) for p in parts], plan.device,
-                            resident=plan.networks[name].resident)
+                            resident=plan.networks[name].resident, name=name, log=log)
             for name, parts in NETWORK_PARTS.items()}
 
 
