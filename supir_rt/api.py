@@ -209,6 +209,10 @@ class Restorer:
         dev, dt = check_device(device), parse_dtype(dtype)
         _warn_precision(dev, dt)
         backend = "torch" if backend == "auto" else backend
+        if backend.startswith("torch"):
+            plan = _memory_plan(dev, dt, vae_dtype, offload)
+            if fp8_weights:
+                _check_fp8(dev)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model(config, device=dev)
@@ -217,9 +221,6 @@ class Restorer:
         if backend.startswith("torch"):
             from supir_rt.backends.placement import place_model
 
-            plan = _memory_plan(dev, dt, vae_dtype, offload)
-            if fp8_weights:
-                _check_fp8(dev)
             engines = _open_torch(place_model(model, plan), plan, torch_options, fp8_weights)
             desc.update(_torch_description(plan, torch_options, fp8_weights))
         else:
