@@ -279,20 +279,23 @@ def _out_of_memory_as_error(network: str, args: Sequence[torch.Tensor]):
 
 
 def open_torch_engines(*, model: nn.Module, plan: MemoryPlan | None = None, options: TorchOptions | None = None,
-                       validate: bool = True, **_: object) -> dict[str, TorchEngine]:
+                       validate: bool = True, networks: Sequence[str] | None = None,
+                       **_: object) -> dict[str, TorchEngine]:
     """Engines over an already-built (and loaded) reference model, placed as ``plan`` says (default: the
     placement the model already has, each network in its weights' dtype, nothing offloaded).
 
     The model must already be where the plan puts it (`placement.place_model` / `build_placed_model`).
+    ``networks`` opens a subset (the parts of the others may then stay unallocated, on the meta device).
     """
+    networks = tuple(networks or NETWORK_MODULES)
     plan = plan or plan_from_model(model)
     options = options or TorchOptions()
-    _check_placement(model, plan)
+    _check_placement(model, plan, networks)
     cuda = plan.device.type == "cuda"
     channels_last = cuda if options.channels_last is None else options.channels_last
     if channels_last:
-        for name, parts in NETWORK_PARTS.items():
-            for part in parts:
+        for name in networks:
+            for part in NETWORK_PARTS[name]:
                 module = model.get_submodule(part).to(memory_format=torch.channels_last)
                 if cuda and not plan.networks[name].resident:
                     pin_host_memory(module)  # the conversion made new (pageable) host tensors
@@ -302,8 +305,8 @@ def open_torch_engines(*, model: nn.Module, plan: MemoryPlan | None = None, opti
     specs = network_specs(model.config)
     places = offloaders(model, plan)
     engines = {}
-    for name, cls in NETWORK_MODULES.items():
-        dtype = plan.networks[name].dtype
+    for name in networks:
+        cls, dtype = NETWORK_MODULES[name], plan.networks[name].dtype
         engine = TorchEngine(cls(model), specs[name], plan.device, dtype, validate=validate,
                              offloader=places[name], channels_last=channels_last)
         if options.compile and name in options.compile_networks:
@@ -319,10 +322,10 @@ def open_torch_engines(*, model: nn.Module, plan: MemoryPlan | None = None, opti
     return engines
 
 
-def _check_placement(model: nn.Module, plan: MemoryPlan) -> None:
-    for name, parts in NETWORK_PARTS.items():
+def _check_placement(model: nn.Module, plan: MemoryPlan, networks: Sequence[str]) -> None:
+    for name in networks:
         want_device, want_dtype = plan.home(name), plan.networks[name].dtype
-        for part in parts:
+        for part in NETWORK_PARTS[name]:
             for pname, p in model.get_submodule(part).named_parameters():
                 if p.device != want_device or (p.dtype != want_dtype and p.dtype.itemsize > 1):
                     raise ValueError(
