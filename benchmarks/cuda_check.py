@@ -47,7 +47,8 @@ PHASES = ("step", "compiled", "vae", "restore", "restore-compiled")
 CFG_STEP_TFLOP_ANCHOR = 20.28  # one CFG step at 1024², counted on the official SUPIR modules
 VRAM_TARGET_GIB = 12.0 * 1e9 / 2**30  # "12 GB"
 ROW_ORDER = (
-    "CFG step, eager fp16 (channels-last)", "CFG step, eager fp16 (contiguous)", "CFG step, compiled",
+    "CFG step, eager fp16 (channels-last)", "CFG step, eager fp8 weights", "CFG step, eager fp16 (contiguous)",
+    "CFG step, compiled",
     "CFG step, compiled + CUDA graphs", "VAE encode, bf16", "VAE encode, fp32", "VAE decode, bf16",
     "VAE decode, fp32", "restore, eager fp16, offload", "restore, compiled + CUDA graphs, offload",
 )
@@ -185,8 +186,33 @@ def phase_step(setup: Setup, res: Results, deadline: float) -> None:
         with _peak(setup.device, row):
             row.update(_time(step, setup.device, setup.warmup, setup.rounds, deadline))
         res.add(**row)
+        if channels_last and time.monotonic() < deadline:
+            _fp8_row(setup, res, deadline, engines["unet_adaptor"], step, tflop)
         del engines, step
         torch.cuda.empty_cache() if setup.device.type == "cuda" else None
+
+
+def _fp8_row(setup: Setup, res: Results, deadline: float, engine, step, tflop: float) -> None:
+    """The same step with the UNet + adaptor weights stored in fp8 (e4m3, per-channel scale)."""
+    from supir_rt.backends.fp8 import fp8_unsupported_reason, quantize_fp8_
+
+    reason = fp8_unsupported_reason(setup.device)
+    if reason:
+        res.add(row="CFG step, eager fp8 weights", note=reason)
+        return
+    feed = network_specs(setup.config)["unet_adaptor"].sample_inputs(
+        {"B": 1, "h": setup.latent, "w": setup.latent}, generator=torch.Generator().manual_seed(5), device=setup.device)
+    ref = engine.infer(feed)["eps"].clone()
+    quantize_fp8_(engine.module.inner.model)  # the resident ControlWrapper, in place
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
+    out = engine.infer(feed)["eps"]
+    row = {"row": "CFG step, eager fp8 weights", "tflop": tflop, "precision": "fp8 storage, fp16 math",
+           "rel_err": float((out - ref).float().norm() / ref.float().norm()),
+           "max_abs_err": float((out - ref).abs().max())}
+    with _peak(setup.device, row):
+        row.update(_time(step, setup.device, setup.warmup, setup.rounds, deadline))
+    res.add(**row)
 
 
 def phase_compiled(setup: Setup, res: Results, deadline: float) -> None:
@@ -335,6 +361,8 @@ def table(out_dir: Path, dry_run: bool) -> str:
         flags = [text for key, bad, text in (("compile_failed", True, "compile FAILED, eager fallback"),
                                              ("graph_failed", True, "graph capture FAILED"),
                                              ("finite", False, "NON-FINITE output")) if r.get(key) is bad]
+        if "rel_err" in r:
+            flags.append(f"eps vs fp16: rel. L2 {r['rel_err']:.2%}, max abs {r['max_abs_err']:.3g}")
         name = label + (f" ({', '.join(flags)})" if flags else "")
         timing = f"{ms:.1f}" + (f" per step; whole restore {r['total_s']:.2f} s, {r['steps']} steps" if "total_s" in r else "")
         mem = f"{r['peak_gib']:.2f} ({r['reserved_gib']:.2f})" if "peak_gib" in r else "n/a"
