@@ -189,7 +189,15 @@ def phase_step(setup: Setup, res: Results, deadline: float) -> None:
         if channels_last and time.monotonic() < deadline:
             _fp8_row(setup, res, deadline, engines["unet_adaptor"], step, tflop)
         del engines, step
-        torch.cuda.empty_cache() if setup.device.type == "cuda" else None
+        _release(setup.device)
+
+
+def _release(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _fp8_row(setup: Setup, res: Results, deadline: float, engine, step, tflop: float) -> None:
@@ -260,7 +268,7 @@ def phase_vae(setup: Setup, res: Results, deadline: float) -> None:
             row["finite"] = bool(torch.isfinite(out).all())
             res.add(**row)
             del engine
-            torch.cuda.empty_cache() if setup.device.type == "cuda" else None
+            _release(setup.device)
 
 
 def _restore(setup: Setup, res: Results, deadline: float, *, compiled: bool) -> None:
