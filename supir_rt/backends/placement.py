@@ -194,10 +194,10 @@ class Offloader:
             yield
             return
         host = [(t, t.data) for t in self._tensors()]
-        for t, h in host:
-            t.data = self.transfer(h)
-        self.log.append((self.name, "on"))
-        try:
+        try:  # also undoes a partial move (the GPU ran out of memory while copying in)
+            for t, h in host:
+                t.data = self.transfer(h)
+            self.log.append((self.name, "on"))
             yield
         finally:
             for t, h in host:
