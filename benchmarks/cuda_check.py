@@ -216,7 +216,7 @@ def _fp8_row(setup: Setup, res: Results, deadline: float, engine, step, tflop: f
         torch.cuda.empty_cache()
     out = engine.infer(feed)["eps"]
     row = {"row": "CFG step, eager fp8 weights", "tflop": tflop, "precision": "fp8 storage, fp16 math",
-           "rel_err": float((out - ref).float().norm() / ref.float().norm()),
+           "rel_err": float((out - ref).float().norm() / ref.float().norm()), "ref": "fp16",
            "max_abs_err": float((out - ref).abs().max())}
     with _peak(setup.device, row):
         row.update(_time(step, setup.device, setup.warmup, setup.rounds, deadline))
@@ -230,10 +230,20 @@ def phase_compiled(setup: Setup, res: Results, deadline: float) -> None:
     engine = engines["unet_adaptor"]
     graphs, engine.graphs = engine.graphs, None  # first compiled alone, then with the graphs
     step = _denoiser_step(setup, engine)
+    feed = network_specs(setup.config)["unet_adaptor"].sample_inputs(
+        {"B": 1, "h": setup.latent, "w": setup.latent}, generator=torch.Generator().manual_seed(5), device=setup.device)
+    eager = engine.module(*engine.conform_inputs(feed).values())[0].clone()  # the same network, not compiled
+
+    def parity(row: dict) -> None:
+        out = engine.infer(feed)["eps"]
+        row.update(rel_err=float((out - eager).float().norm() / eager.float().norm()), ref="eager",
+                   max_abs_err=float((out - eager).abs().max()))
+
     row = {"row": "CFG step, compiled", "tflop": tflop, "precision": "fp16", "mode": options.compile_mode}
     with _peak(setup.device, row):
         row.update(_time(step, setup.device, setup.warmup, setup.rounds, deadline))
     row["compile_failed"] = bool(getattr(engine.call, "failed", False))
+    parity(row)
     res.add(**row)
     if time.monotonic() > deadline:
         return
@@ -246,6 +256,7 @@ def phase_compiled(setup: Setup, res: Results, deadline: float) -> None:
     with _peak(setup.device, row):
         row.update(_time(step, setup.device, setup.warmup + 3, setup.rounds, deadline))
     row["graph_replays"], row["graph_failed"] = graphs.replays, graphs.failed
+    parity(row)
     res.add(**row)
 
 
@@ -370,7 +381,7 @@ def table(out_dir: Path, dry_run: bool) -> str:
                                              ("graph_failed", True, "graph capture FAILED"),
                                              ("finite", False, "NON-FINITE output")) if r.get(key) is bad]
         if "rel_err" in r:
-            flags.append(f"eps vs fp16: rel. L2 {r['rel_err']:.2%}, max abs {r['max_abs_err']:.3g}")
+            flags.append(f"eps vs {r.get('ref', 'fp16')}: rel. L2 {r['rel_err']:.2%}, max abs {r['max_abs_err']:.3g}")
         name = label + (f" ({', '.join(flags)})" if flags else "")
         timing = f"{ms:.1f}" + (f" per step; whole restore {r['total_s']:.2f} s, {r['steps']} steps" if "total_s" in r else "")
         mem = f"{r['peak_gib']:.2f} ({r['reserved_gib']:.2f})" if "peak_gib" in r else "n/a"

@@ -129,6 +129,18 @@ def test_offloader_moves_in_for_the_call_and_back_without_copying():
     with pytest.raises(ZeroDivisionError), off.on_device():
         1 / 0
     assert [p.data_ptr() for p in module.parameters()] == host and off.log[-1] == ("net", "off")
+    calls = []
+
+    def out_of_memory_on_the_second(t):
+        calls.append(t)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return t.clone()
+
+    with pytest.raises(torch.OutOfMemoryError), Offloader([module], torch.device("cuda"), resident=False,
+                                                           transfer=out_of_memory_on_the_second).on_device():
+        pass
+    assert [p.data_ptr() for p in module.parameters()] == host  # the partial move was undone
     resident = Offloader([module], torch.device("cuda"), resident=True, transfer=transfer)
     with resident.on_device():
         pass
