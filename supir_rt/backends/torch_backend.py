@@ -225,7 +225,9 @@ class TorchEngine(EngineBase):
         """The engine's one input conversion: each input on the device, floats in the compute dtype
         (channels-last images on CUDA). A tensor that already conforms passes through; one converted
         before and not modified since (same object, same version) reuses its converted copy, so
-        constant conditioning is converted once per restore, not once per step."""
+        constant conditioning is converted once per restore, not once per step. (Writes PyTorch does
+        not see, e.g. another runtime filling a tensor through its raw pointer, do not move the version
+        counter: feed such buffers as fresh tensors or clones.)"""
         out = {}
         for s in self.spec.inputs:
             t = feed[s.name]
