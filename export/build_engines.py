@@ -4,6 +4,9 @@
     python export/build_engines.py --sdxl sd_xl_base_1.0_0.9vae.safetensors --supir SUPIR-v0Q.ckpt \\
         --precision fp32 --out engines/official                                      # CPU (ONNX Runtime)
     python export/build_engines.py --sdxl ... --supir ... --precision fp16 --trt     # GPU (TensorRT)
+    python export/build_engines.py --trt-only --precision fp16 --out engines/official  # plans from ONNX there
+    python export/build_engines.py --sdxl ... --supir SUPIR-v0F.ckpt --precision fp16 --trt --refit
+                                                                          # swap weights into "full" plans
 
 A thin command line over `supir_rt.backends.onnx_export.export_all` and `export/build_trt.py`; see
 docs/engines.md. fp16 artifacts keep the VAE networks in fp32 (the SDXL VAE overflows in fp16).
@@ -23,15 +26,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from supir_rt.backends.manifest import PRECISIONS, file_sha256  # noqa: E402
-from supir_rt.backends.specs import DEFAULT_RANGES, NETWORKS, DimRange  # noqa: E402
+from supir_rt.backends.specs import (  # noqa: E402
+    DEFAULT_RANGES, NETWORKS, SAMPLER_TILE_BATCH, SAMPLER_TILE_LATENT, STATIC_LATENT, DimRange, default_profiles,
+)
 from supir_rt.config import ModelConfig  # noqa: E402
 
 log = logging.getLogger("build_engines")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _r(sym: str) -> str:
+    r = DEFAULT_RANGES[sym]
+    return f"{r.min} {r.opt} {r.max}"
+
+
+def parse_size(text: str) -> int:
+    """'6GiB', '4000MB', '123456' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in SIZE_UNITS:
+        raise ValueError(f"--trt-weight-budget {text!r}: give a size such as 6GiB, 4000MB or a number of bytes")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="build_engines.py", description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--tiny-random", action="store_true", help="the tiny configuration with seeded random weights")
     src.add_argument("--official-random", action="store_true",
                      help="the official architecture with random weights (for export/engine tests)")
@@ -49,11 +70,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.onnx exporter (default torchscript: 13x faster here, same accuracy)")
     p.add_argument("--optimize", action="store_true", help="save ONNX Runtime's basic-level optimised graph")
     p.add_argument("--reuse", action="store_true", help="skip networks whose artifact already matches")
-    p.add_argument("--trt", action="store_true", help="also build TensorRT plans from the ONNX files (needs a GPU)")
-    p.add_argument("--trt-only", action="store_true", help="build TensorRT plans from existing ONNX files")
-    p.add_argument("--batch", type=int, nargs=3, metavar=("MIN", "OPT", "MAX"), help="TensorRT profile for B")
-    p.add_argument("--latent", type=int, nargs=3, metavar=("MIN", "OPT", "MAX"),
-                   help="TensorRT profile for latent h and w (pixels / 8)")
+    t = p.add_argument_group("TensorRT (GPU; see docs/engines.md)")
+    t.add_argument("--trt", action="store_true", help="also build TensorRT plans from the ONNX files")
+    t.add_argument("--trt-only", action="store_true",
+                   help="build TensorRT plans from the ONNX files already in --out (no weights needed; "
+                        "--tiny-random / --options choose the configuration, default official)")
+    t.add_argument("--batch", type=int, nargs=3, metavar=("MIN", "OPT", "MAX"),
+                   help=f"dynamic profile: images per request (default {_r('B')})")
+    t.add_argument("--latent", type=int, nargs=3, metavar=("MIN", "OPT", "MAX"),
+                   help=f"dynamic profile: latent height and width, pixels / 8 (default {_r('h')})")
+    t.add_argument("--no-dynamic-profile", action="store_true", help="leave out the dynamic fallback profile")
+    t.add_argument("--static-latent", type=int, nargs="+", metavar="N", default=[STATIC_LATENT],
+                   help=f"static profile for one image of latent size H or H W (default {STATIC_LATENT}: 1024 px)")
+    t.add_argument("--no-static-profile", action="store_true", help="leave out the static profile")
+    t.add_argument("--tile-latent", type=int, default=SAMPLER_TILE_LATENT,
+                   help=f"sampler tile profile: latent tile side (default {SAMPLER_TILE_LATENT})")
+    t.add_argument("--tile-batch", type=int, default=SAMPLER_TILE_BATCH,
+                   help=f"sampler tile profile: most tiles per call (default {SAMPLER_TILE_BATCH})")
+    t.add_argument("--tile-profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="the sampler tile profile (default on)")
+    t.add_argument("--no-tf32", action="store_true", help="no TF32 tactics for fp32 layers (TensorRT's default is on)")
+    t.add_argument("--trt-opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
+    t.add_argument("--trt-workspace-gib", type=float, default=8.0, help="builder workspace limit (default 8)")
+    t.add_argument("--trt-refittable", choices=("none", "identical", "full"), default="identical",
+                   help="identical (default): refit only with the same weights (no speed cost; needed by "
+                        "--trt-strip); full: any weights of the same architecture (for --refit)")
+    t.add_argument("--trt-strip", action="store_true",
+                   help="plans without weights (small); the runtime loads them from the ONNX files beside")
+    t.add_argument("--trt-weight-budget", metavar="SIZE",
+                   help="weight streaming for the UNet + adaptor plan: keep SIZE of its weights on the GPU "
+                        "(e.g. 6GiB, 4000MB); for 8-12 GB GPUs")
+    t.add_argument("--refit", action="store_true",
+                   help="when only the weights changed (re-exported ONNX, same architecture), refit the existing "
+                        "'full' plans instead of rebuilding")
+    t.add_argument("--no-reuse", action="store_true", help="rebuild plans even when their manifest matches")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -85,13 +135,32 @@ def load_model(args: argparse.Namespace, dtype: torch.dtype):
     return config, model, source
 
 
-def trt_ranges(args: argparse.Namespace) -> dict[str, DimRange]:
-    ranges = dict(DEFAULT_RANGES)
-    if args.batch:
-        ranges["B"] = DimRange(*args.batch)
-    if args.latent:
-        ranges["h"] = ranges["w"] = DimRange(*args.latent)
-    return ranges
+def trt_build_config(args: argparse.Namespace):
+    """The frozen BuildConfig for the TensorRT options (ValueError with the option to fix)."""
+    from build_trt import BuildConfig
+
+    dynamic = None
+    if not args.no_dynamic_profile:
+        dynamic = dict(DEFAULT_RANGES)
+        if args.batch:
+            dynamic["B"] = DimRange(*args.batch)
+        if args.latent:
+            dynamic["h"] = dynamic["w"] = DimRange(*args.latent)
+    static = None
+    if not args.no_static_profile:
+        if len(args.static_latent) > 2:
+            raise ValueError("--static-latent takes H or H W")
+        static = (args.static_latent[0], args.static_latent[-1])
+    profiles = default_profiles(static_latent=static, tile_latent=args.tile_latent if args.tile_profile else None,
+                                tile_batch=args.tile_batch, dynamic=dynamic)
+    return BuildConfig(optimization_level=args.trt_opt_level, workspace_gib=args.trt_workspace_gib,
+                       tf32=not args.no_tf32, profiles=profiles, refit=args.trt_refittable,
+                       strip_weights=args.trt_strip, weight_streaming=args.trt_weight_budget is not None)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,16 +174,22 @@ def main(argv: list[str] | None = None) -> int:
         print(contract_markdown(network_specs(config)), end="")
         return 0
     t0 = time.perf_counter()
-    if args.trt or args.trt_only:  # fail before the long export, with the reason
+    trt = args.trt or args.trt_only
+    if not args.trt_only and not (args.tiny_random or args.official_random or args.sdxl):
+        return _fail("choose the weights: --tiny-random, --official-random or --sdxl/--supir "
+                     "(or --trt-only to build plans from existing ONNX files)")
+    if trt:  # fail before the long export, with the reason
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from build_trt import gpu_capability, import_tensorrt
+        from build_trt import current_target, require_tensorrt
 
         try:
-            import_tensorrt()
-            gpu_capability()
+            build = trt_build_config(args)
+            budget = parse_size(args.trt_weight_budget) if args.trt_weight_budget is not None else None
+            current_target(require_tensorrt())
+        except ValueError as err:
+            return _fail(str(err))
         except (ImportError, RuntimeError) as err:
-            log.error("cannot build TensorRT plans: %s", err)
-            return 2
+            return _fail(f"cannot build TensorRT plans: {err}")
     config = None
     if not args.trt_only:
         from supir_rt.backends.onnx_export import export_all
@@ -126,13 +201,19 @@ def main(argv: list[str] | None = None) -> int:
         export_all(model, out, precision=args.precision, networks=args.networks, progress=not args.quiet,
                    source=source, exporter=args.exporter, optimize=args.optimize, reuse=args.reuse)
         del model
-    if args.trt or args.trt_only:
+    if trt:
         from build_trt import build_all
+
+        from supir_rt.backends.manifest import ArtifactError
 
         config = config or (ModelConfig.tiny() if args.tiny_random else
                             ModelConfig.from_official_yaml(args.options) if args.options else ModelConfig.official())
         out = args.out or Path("engines") / config.name
-        build_all(config, out, precision=args.precision, networks=args.networks, ranges=trt_ranges(args))
+        try:
+            build_all(config, out, precision=args.precision, networks=args.networks, build=build,
+                      reuse=not args.no_reuse, refit=args.refit, weight_budget=budget)
+        except (ArtifactError, ValueError) as err:
+            return _fail(str(err))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     log.info("done in %.0f s, peak RSS %.1f GiB; artifacts in %s", time.perf_counter() - t0, peak, out)
     return 0

@@ -1,27 +1,48 @@
-"""ONNX -> TensorRT plans, in-process with the TensorRT Python API (imported lazily).
+"""ONNX -> TensorRT plans, in-process with the TensorRT 10.x Python API (imported lazily).
 
 One plan per network, strongly typed (the ONNX tensor types decide layer precision: the fp16 graphs
-of `onnx_export.py` give fp16 UNet/text encoders and an fp32 VAE), one optimisation profile derived
-from the spec (`NetworkSpec.profile`), a frozen `BuildConfig`, and a manifest beside each plan that
-records spec, ONNX hash, build config, TensorRT version and GPU compute capability
-(`supir_rt.backends.manifest`). Plan names: ``<network>_<precision>_<profile>_sm<cc>_trt<ver>.plan``.
+of `onnx_export.py` give fp16 UNet/text encoders and an fp32 VAE), several optimisation profiles
+(`specs.default_profiles`: static 1024 px-class, sampler tile, dynamic fallback; stored in the
+manifest, read by the runtime), a frozen `BuildConfig`, and a manifest beside each plan recording the
+profiles, the ONNX and weights hashes it was built from and the GPU it was built for (name, compute
+capability, TensorRT version). Around the build:
+
+* **reuse**: a plan whose manifest matches (same ONNX, weights, build settings, GPU, TensorRT) and
+  whose file is intact is kept, not rebuilt;
+* **timing cache**: ``timing_sm<cc>_trt<ver>.cache`` beside the plans is loaded by every build and
+  saved after it (a cache from another GPU/TensorRT is ignored with a warning);
+* **refit**: plans are refittable (``refit="identical"`` by default: same speed, weights only
+  re-loadable unchanged, which is what a weight-stripped plan needs; ``"full"``: any weights of the
+  same architecture). `refit_plan` puts the weights of a re-exported ONNX file into an existing
+  ``full`` plan in a fraction of a build; stripped plans get their weights from the ONNX file at load;
+* **weight streaming** (``weight_streaming=True``): the UNet + adaptor plan is built with
+  WEIGHT_STREAMING and the runtime keeps only a budget of its weights on the GPU;
+* files are written atomically (temporary file + rename): a failed build leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from supir_rt.backends.manifest import (
-    Manifest, check_manifest, config_fingerprint, file_sha256, manifest_path, onnx_name, plan_name, spec_to_json,
+    ArtifactError, GpuTarget, Manifest, atomic_write_bytes, check_manifest, config_fingerprint, file_sha256,
+    manifest_path, onnx_name, plan_name, rebuild_command, spec_to_json, timing_cache_name,
 )
-from supir_rt.backends.specs import DEFAULT_RANGES, NETWORKS, DimRange, network_specs
+from supir_rt.backends.specs import NETWORKS, NetworkSpec, Profile, default_profiles, network_profiles, network_specs
+from supir_rt.backends import tensorrt_backend
+from supir_rt.backends.tensorrt_backend import TensorRTError, TorchCuda, make_logger, require_tensorrt
 from supir_rt.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+Refit = Literal["none", "identical", "full"]
+STREAMING_NETWORKS = ("unet_adaptor",)  # the only network big enough to need weight streaming
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,91 +52,268 @@ class BuildConfig:
     optimization_level: int = 3  # the NVIDIA demo's default for fp16
     workspace_gib: float = 8.0
     strongly_typed: bool = True
-    tf32: bool = True  # only affects the fp32 layers (the VAE)
-    ranges: tuple[tuple[str, DimRange], ...] = tuple(sorted(DEFAULT_RANGES.items()))
+    tf32: bool = True  # TF32 tactics for the fp32 layers (the VAE); False really clears the flag
+    profiles: tuple[Profile, ...] = default_profiles()
+    refit: Refit = "identical"
+    strip_weights: bool = False  # plan without its refittable weights; loaded from the ONNX file at open
+    weight_streaming: bool = False  # WEIGHT_STREAMING for the UNet + adaptor plan
 
-    @property
-    def range_map(self) -> dict[str, DimRange]:
-        return dict(self.ranges)
+    def __post_init__(self) -> None:
+        if not 0 <= self.optimization_level <= 5:
+            raise ValueError(f"builder optimisation level {self.optimization_level}: TensorRT accepts 0..5")
+        if self.strip_weights and self.refit == "none":
+            raise ValueError("a weight-stripped plan must be refittable: use refit 'identical' or 'full'")
+        if self.weight_streaming and not self.strongly_typed:
+            raise ValueError("weight streaming needs a strongly typed network")
+
+    def for_network(self, network: str) -> dict:
+        """The manifest's record of these settings as they apply to `network` (what reuse compares)."""
+        return {"optimization_level": self.optimization_level, "workspace_gib": self.workspace_gib,
+                "strongly_typed": self.strongly_typed, "tf32": self.tf32, "refit": self.refit,
+                "strip_weights": self.strip_weights,
+                "weight_streaming": self.weight_streaming and network in STREAMING_NETWORKS}
 
 
-def import_tensorrt():
-    """`tensorrt`, or ImportError with the reason (this machine: only the bindings wheel installs)."""
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise ImportError(f"TensorRT is not importable ({err}); install TensorRT >= 10 with its libraries "
-                          "(pip install tensorrt from NVIDIA's index) on a machine with an NVIDIA GPU") from err
-    return tensorrt
+def current_target(trt, cuda: TorchCuda | None = None) -> GpuTarget:
+    cuda = cuda or tensorrt_backend.default_cuda()  # looked up at call time: tests substitute it
+    if not cuda.is_available():
+        raise TensorRTError("building TensorRT plans needs an NVIDIA GPU; torch sees none")
+    return cuda.target(trt.__version__)
 
 
-def gpu_capability() -> tuple[int, int]:
-    import torch
+# --------------------------------------------------------------------------------------- the build
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("building TensorRT plans needs an NVIDIA GPU; torch sees none")
-    return torch.cuda.get_device_capability()
+class TimingCache:
+    """The builder's tactic timings, kept in one file beside the plans and reused by every build."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def attach(self, config) -> object:
+        data = self.path.read_bytes() if self.path.is_file() else b""
+        if not data:
+            log.info("no timing cache at %s yet; this build starts one", self.path)
+        try:
+            cache = config.create_timing_cache(data)
+            usable = cache is not None and config.set_timing_cache(cache, False)
+        except RuntimeError:  # a corrupt file
+            usable = False
+        if not usable:
+            log.warning("timing cache %s does not fit this GPU/TensorRT (or is corrupt); starting a new one", self.path)
+            cache = config.create_timing_cache(b"")
+            if cache is None or not config.set_timing_cache(cache, False):
+                raise TensorRTError("TensorRT could not create an empty timing cache")
+        return cache
+
+    def save(self, config) -> None:
+        cache = config.get_timing_cache()
+        if cache is not None:
+            atomic_write_bytes(self.path, bytes(cache.serialize()))
+
+
+def _parse(trt, logger, onnx_path: Path, spec: NetworkSpec, strongly_typed: bool):
+    builder = trt.Builder(logger)
+    if builder is None:
+        raise TensorRTError(f"TensorRT could not create a builder{logger.last_error()}")
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    if network is None:
+        raise TensorRTError(f"TensorRT could not create a network{logger.last_error()}")
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves external data beside the file
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TensorRTError(f"TensorRT could not parse {onnx_path}: {errors or logger.last_error()}; re-export it "
+                            "with python export/build_engines.py")
+    got = ([network.get_input(i).name for i in range(network.num_inputs)],
+           [network.get_output(i).name for i in range(network.num_outputs)])
+    if got != (spec.input_names, spec.output_names):
+        raise TensorRTError(f"{onnx_path}: graph I/O {got} differs from the {spec.name} spec "
+                            f"{(spec.input_names, spec.output_names)}; re-export it")
+    return builder, network, parser
+
+
+def _configure(trt, builder, network_name: str, spec: NetworkSpec, build: BuildConfig):
+    cfg = builder.create_builder_config()
+    cfg.builder_optimization_level = build.optimization_level
+    workspace = int(build.workspace_gib * 2**30)
+    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if cfg.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE) != workspace:  # a bad size is only logged
+        raise ValueError(f"TensorRT refused a workspace of {build.workspace_gib} GiB; fix --trt-workspace-gib")
+    if build.tf32:  # TensorRT enables TF32 by default: clear it explicitly when it is off
+        cfg.set_flag(trt.BuilderFlag.TF32)
+    else:
+        cfg.clear_flag(trt.BuilderFlag.TF32)
+    if cfg.get_flag(trt.BuilderFlag.TF32) != build.tf32:
+        raise TensorRTError(f"TensorRT did not take tf32={build.tf32}")
+    refit_flag = {"identical": trt.BuilderFlag.REFIT_IDENTICAL, "full": trt.BuilderFlag.REFIT}.get(build.refit)
+    if refit_flag is not None:
+        cfg.set_flag(refit_flag)
+    if build.strip_weights:
+        cfg.set_flag(trt.BuilderFlag.STRIP_PLAN)
+    if build.weight_streaming and network_name in STREAMING_NETWORKS:
+        cfg.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    profiles = network_profiles(spec, build.profiles)
+    for p in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in spec.profile(p.range_map).items():
+            try:
+                profile.set_shape(name, lo, opt, hi)
+            except RuntimeError as err:
+                raise ValueError(f"profile {p.describe()} gives {name} min/opt/max {lo}/{opt}/{hi}, which TensorRT "
+                                 f"refuses ({err}); fix --batch/--latent/--static-latent/--tile-latent") from None
+        if cfg.add_optimization_profile(profile) < 0:
+            raise ValueError(f"TensorRT refused profile {p.describe()} for {network_name}; fix its ranges")
+    return cfg, profiles
 
 
 def build_plan(onnx_path: Path, out_dir: Path, *, config: ModelConfig, network: str, precision: str,
-               build: BuildConfig = BuildConfig()) -> Path:
-    """Parse `onnx_path`, build one plan with the spec's profile, write it and its manifest."""
-    trt = import_tensorrt()
+               build: BuildConfig = BuildConfig(), reuse: bool = True, refit: bool = False,
+               weight_budget: int | None = None, cuda: TorchCuda | None = None) -> tuple[Path, str]:
+    """One plan for `network` from `onnx_path`; returns (plan, what happened: built/reused/refitted).
+
+    `reuse`: keep a plan whose manifest matches. `refit`: if only the weights changed (same graph
+    architecture, ``refit="full"`` plan), put the new weights into the existing plan instead of
+    rebuilding. `weight_budget`: bytes of UNet weights to keep on the GPU (weight streaming).
+    """
+    trt = require_tensorrt()
     spec = network_specs(config)[network]
+    onnx_path = Path(onnx_path)
     onnx_man = check_manifest(onnx_path, spec=spec, config=config, precision=precision)
-    cc = gpu_capability()
-    plan = Path(out_dir) / plan_name(network, precision, build.range_map, cc, trt.__version__)
+    target = current_target(trt, cuda)
+    out_dir = Path(out_dir)
+    plan = out_dir / plan_name(network, precision, target.compute_capability, target.tensorrt)
+    want = {**target.fields(), "build_config": build.for_network(network),
+            "profiles": [p.to_json() for p in network_profiles(spec, build.profiles)]}
+    runtime = {"weight_budget": weight_budget} if want["build_config"]["weight_streaming"] else {}
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if build.strongly_typed else 0
-    net = builder.create_network(flags)
-    parser = trt.OnnxParser(net, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # resolves external data beside the file
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
-    cfg = builder.create_builder_config()
-    cfg.builder_optimization_level = build.optimization_level
-    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(build.workspace_gib * 2**30))
-    if build.tf32:
-        cfg.set_flag(trt.BuilderFlag.TF32)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in spec.profile(build.range_map).items():
-        profile.set_shape(name, lo, opt, hi)
-    cfg.add_optimization_profile(profile)
+    old = _existing(plan, spec=spec, config=config, precision=precision, target=target)
+    if old is not None and all(old.build.get(k) == v for k, v in want.items()):
+        same_weights = (old.build.get("onnx_sha256"), old.weights_sha256) == (
+            onnx_man.files[onnx_path.name], onnx_man.weights_sha256)
+        if same_weights and reuse:
+            if old.build.get("runtime", {}) != runtime:
+                _write_manifest(plan, dataclasses.replace(old, build={**old.build, "runtime": runtime}))
+            log.info("%s is up to date (manifest matches); reusing it", plan.name)
+            return plan, "reused"
+        if not same_weights and refit:
+            refit_plan(plan, onnx_path, old, onnx_man, trt=trt, runtime=runtime)
+            return plan, "refitted"
+    elif refit:
+        log.info("%s: no matching plan to refit (%s); building one", network,
+                 "none yet" if old is None else "the build settings, GPU or profiles differ")
 
-    log.info("building %s (this takes minutes for the UNet)", plan.name)
+    logger = make_logger(trt)
+    builder, net, _parser = _parse(trt, logger, onnx_path, spec, build.strongly_typed)
+    cfg, _ = _configure(trt, builder, network, spec, build)
+    cache = TimingCache(out_dir / timing_cache_name(target.compute_capability, target.tensorrt))
+    timing = cache.attach(cfg)  # must outlive the build
+    log.info("building %s (minutes for the UNet)", plan.name)
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(net, cfg)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build {plan.name}; see the TensorRT log above")
-    plan.write_bytes(bytes(serialized))
-    Manifest(
+        raise TensorRTError(f"TensorRT failed to build {plan.name}{logger.last_error()}; nothing was written")
+    cache.save(cfg)
+    del timing
+    data = bytes(serialized)
+    manifest_path(plan).unlink(missing_ok=True)  # a crash below leaves a plan without manifest: refused, never trusted
+    atomic_write_bytes(plan, data)
+    seconds = round(time.perf_counter() - t0, 1)
+    _write_manifest(plan, Manifest(
         network=network, kind="tensorrt", precision=precision, config_name=config.name,
         config_fingerprint=config_fingerprint(config), spec=spec_to_json(spec),
         files={plan.name: file_sha256(plan)}, weights_sha256=onnx_man.weights_sha256, source=onnx_man.source,
         tools={"tensorrt": trt.__version__, **onnx_man.tools},
-        build={**plan_fields(trt.__version__, cc, build), "onnx": onnx_path.name,
-               "onnx_sha256": onnx_man.files[onnx_path.name], "build_s": round(time.perf_counter() - t0, 1)},
-    ).write(manifest_path(plan))
-    log.info("%s built in %.0f s", plan, time.perf_counter() - t0)
-    return plan
+        build={**want, "onnx": onnx_path.name, "onnx_sha256": onnx_man.files[onnx_path.name],
+               "refit": build.refit, "stripped": build.strip_weights,
+               "weight_streaming": want["build_config"]["weight_streaming"], "runtime": runtime,
+               "plan_bytes": len(data), "build_s": seconds, "refits": []},
+    ))
+    log.info("%s built in %.0f s (%.1f MiB)", plan.name, seconds, len(data) / 2**20)
+    return plan, "built"
 
 
-def plan_fields(trt_version: str, cc: tuple[int, int], build: BuildConfig) -> dict:
-    """The manifest `build` fields a runtime must find equal (see tensorrt_backend)."""
-    fields = dataclasses.asdict(build)
-    fields["ranges"] = {k: dataclasses.asdict(r) for k, r in build.ranges}
-    return {"tensorrt": trt_version, "compute_capability": f"{cc[0]}.{cc[1]}", "build_config": fields}
+def _existing(plan: Path, **kwargs) -> Manifest | None:
+    """The manifest of an intact plan already there for this spec/config/GPU, else None."""
+    if not plan.is_file():
+        return None
+    try:
+        return check_manifest_only(plan, **kwargs)
+    except (ArtifactError, ValueError, KeyError, TypeError) as err:
+        log.info("%s will be rebuilt: %s", plan.name, str(err).split("; rebuild with")[0])
+        return None
+
+
+def check_manifest_only(plan: Path, *, spec, config, precision, target: GpuTarget) -> Manifest:
+    return check_manifest(plan, spec=spec, config=config, precision=precision, kind="tensorrt",
+                          extra=target.fields())
+
+
+def _write_manifest(plan: Path, man: Manifest) -> None:
+    man.write(manifest_path(plan))
+
+
+def refit_plan(plan: Path, onnx_path: Path, man: Manifest, onnx_man: Manifest, *, trt, runtime: dict) -> None:
+    """Put the weights of `onnx_path` (same architecture) into the existing `plan` and record it.
+    A stripped plan holds no weights: its manifest is re-pointed at the new ONNX file, whose weights
+    are loaded at open. Only ``refit="full"`` plans may take other weights."""
+    if man.build.get("refit") != "full":
+        raise ArtifactError(
+            f"{plan.name} was built with refit={man.build.get('refit')!r}: TensorRT only allows other weights in a "
+            f"plan built with --trt-refittable full; rebuild it (drop --refit, or add --trt-refittable full)")
+    t0 = time.perf_counter()
+    logger = make_logger(trt)
+    data = None
+    if not man.build.get("stripped"):
+        engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise TensorRTError(f"TensorRT could not deserialize {plan}{logger.last_error()}; rebuild it")
+        if not engine.refittable:
+            raise TensorRTError(f"{plan.name} is not refittable although its manifest says so; rebuild it")
+        refitter = trt.Refitter(engine, logger)
+        parser = trt.OnnxParserRefitter(refitter, logger)
+        if not parser.refit_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise TensorRTError(f"could not take the weights of {onnx_path} for {plan.name} (another architecture?): "
+                                f"{errors or logger.last_error()}; rebuild without --refit")
+        if not refitter.refit_cuda_engine():
+            raise TensorRTError(f"TensorRT could not refit {plan.name}: missing weights "
+                                f"{list(refitter.get_missing_weights())[:5]}{logger.last_error()}; rebuild without --refit")
+        data = bytes(engine.serialize())
+        manifest_path(plan).unlink(missing_ok=True)
+        atomic_write_bytes(plan, data)
+    seconds = round(time.perf_counter() - t0, 1)
+    record = {"from_onnx_sha256": man.build.get("onnx_sha256"), "from_weights_sha256": man.weights_sha256,
+              "onnx_sha256": onnx_man.files[onnx_path.name], "weights_sha256": onnx_man.weights_sha256,
+              "source": onnx_man.source, "refit_s": seconds,
+              "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    build = {**man.build, "onnx_sha256": onnx_man.files[onnx_path.name], "runtime": runtime,
+             "refits": [*man.build.get("refits", []), record]}
+    if data is not None:
+        build["plan_bytes"] = len(data)
+    _write_manifest(plan, dataclasses.replace(man, files={plan.name: file_sha256(plan)},
+                                              weights_sha256=onnx_man.weights_sha256, source=onnx_man.source,
+                                              build=build))
+    log.info("%s refitted with the weights of %s in %.1f s", plan.name, onnx_path.name, seconds)
 
 
 def build_all(config: ModelConfig, onnx_dir: Path, out_dir: Path | None = None, *, precision: str = "fp16",
-              networks: Sequence[str] | None = None, build: BuildConfig = BuildConfig(),
-              ranges: Mapping[str, DimRange] | None = None) -> list[Path]:
-    """Plans for `networks` (default all) from the ONNX files in `onnx_dir`."""
-    if ranges is not None:
-        build = dataclasses.replace(build, ranges=tuple(sorted(ranges.items())))
+              networks: Sequence[str] | None = None, build: BuildConfig = BuildConfig(), reuse: bool = True,
+              refit: bool = False, weight_budget: int | None = None,
+              cuda: TorchCuda | None = None) -> list[tuple[Path, str]]:
+    """Plans for `networks` (default all) from the ONNX files in `onnx_dir`; logs a size report."""
     out_dir = Path(out_dir or onnx_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [build_plan(Path(onnx_dir) / onnx_name(n, precision), out_dir, config=config, network=n,
-                       precision=precision, build=build) for n in (networks or NETWORKS)]
+    done = [build_plan(Path(onnx_dir) / onnx_name(n, precision), out_dir, config=config, network=n,
+                       precision=precision, build=build, reuse=reuse, refit=refit, weight_budget=weight_budget,
+                       cuda=cuda)
+            for n in (networks or NETWORKS)]
+    total = 0
+    for plan, action in done:
+        size = plan.stat().st_size
+        total += size
+        log.info("  %-60s %9.1f MiB  %s", plan.name, size / 2**20, action)
+    log.info("  %-60s %9.1f MiB", "total", total / 2**20)
+    return done
+
+
+__all__ = ["BuildConfig", "TimingCache", "build_plan", "build_all", "refit_plan", "current_target", "rebuild_command"]

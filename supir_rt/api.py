@@ -160,7 +160,7 @@ class Restorer:
         ``fp8_weights`` (UNet + adaptor weights stored in fp8, GPUs with compute capability 8.9+),
         ``torch_options`` (`supir_rt.backends.torch_backend.TorchOptions`: compile, CUDA graphs)."""
         config = config or ModelConfig.official()
-        backend = _pick_backend(backend, engines_dir, device)
+        backend = _pick_backend(backend, engines_dir, device, config, dtype)
         desc = {"backend": backend, "dtype": dtype, "device": str(device), "model": config.name,
                 "sdxl": Path(sdxl).name if sdxl else None, "supir": Path(supir).name if supir else None}
         if backend.startswith("torch"):
@@ -187,7 +187,7 @@ class Restorer:
                      config: ModelConfig | None = None, **kwargs: Any) -> Restorer:
         """Open exported engines (no PyTorch model is built)."""
         config = config or ModelConfig.official()
-        backend = _pick_backend(backend, engines_dir, "cpu")
+        backend = _pick_backend(backend, engines_dir, "cpu", config, dtype)
         if backend.startswith("torch"):
             raise SetupError(
                 f"backend {backend!r} runs the PyTorch model from checkpoint files, not exported engines; "
@@ -377,14 +377,18 @@ def tiny_engines_cache() -> Path:
     return Path(base) / "supir-rt" / "tiny-random-engines"
 
 
-def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | torch.device) -> str:
-    """``auto``: the torch backend when there are no exported engines, else the fastest available."""
+def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | torch.device,
+                  config: ModelConfig | None = None, dtype: str | None = None) -> str:
+    """``auto``: the torch backend when there are no exported engines, else the fastest available whose
+    artifacts in `engines_dir` are usable here (TensorRT only with valid plans for this GPU)."""
     from supir_rt.backends import resolve_backend
 
     if backend == "auto" and engines_dir is None:
         return "torch"
+    artifacts = (None if engines_dir is None or config is None or dtype is None
+                 else {"artifact_dir": engines_dir, "config": config, "precision": dtype})
     try:
-        return resolve_backend(backend, needs_artifacts=engines_dir is not None)
+        return resolve_backend(backend, needs_artifacts=engines_dir is not None, artifacts=artifacts)
     except (RuntimeError, ValueError) as err:
         raise SetupError(str(err)) from None
 
@@ -398,7 +402,12 @@ def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str |
         )
     if not Path(engines_dir).is_dir():
         raise SetupError(f"engines folder {engines_dir} does not exist; build the engines first or fix --engines-dir")
-    return open_engines(backend, config=config, artifact_dir=engines_dir, precision=dtype)
+    from supir_rt.backends.manifest import ArtifactError
+
+    try:
+        return open_engines(backend, config=config, artifact_dir=engines_dir, precision=dtype)
+    except ArtifactError as err:  # missing, stale or foreign artifacts: the message names the rebuild command
+        raise SetupError(str(err)) from None
 
 
 __all__ = [

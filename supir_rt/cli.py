@@ -379,6 +379,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         pass
     errors.append(FileNotFoundError)  # a missing caption sidecar
+    from supir_rt.backends.manifest import ArtifactError
+
+    errors.append(ArtifactError)  # stale/foreign engines, TensorRT refusals (the message names the fix)
     return tuple(errors)
 
 

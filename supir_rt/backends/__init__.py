@@ -13,6 +13,7 @@ the hot loop. Backends register by name; `open_engines` picks one (`auto` = fast
 from __future__ import annotations
 
 import abc
+import logging
 
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -20,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from supir_rt.backends.specs import NETWORKS, NetworkSpec, TensorSpec, validate_feed
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineBase", "BACKENDS", "register_backend", "available_backends", "open_engines",
            "resolve_backend", "NETWORKS"]
@@ -100,8 +103,16 @@ BACKENDS: dict[str, tuple[Callable[[], str | None], EngineFactory]] = {}
 AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime", "torch")
 
 
-def register_backend(name: str, unavailable_reason: Callable[[], str | None], factory: EngineFactory) -> None:
+# name -> artifacts_reason(artifact_dir=, config=, precision=) -> None if the folder holds usable
+# artifacts for this backend here, else why not (`auto` skips the backend then).
+ARTIFACT_CHECKS: dict[str, Callable[..., str | None]] = {}
+
+
+def register_backend(name: str, unavailable_reason: Callable[[], str | None], factory: EngineFactory, *,
+                     artifacts_reason: Callable[..., str | None] | None = None) -> None:
     BACKENDS[name] = (unavailable_reason, factory)
+    if artifacts_reason is not None:
+        ARTIFACT_CHECKS[name] = artifacts_reason
 
 
 def _load_builtin_backends() -> None:
@@ -123,15 +134,27 @@ def available_backends() -> dict[str, str | None]:
     return {name: reason() for name, (reason, _) in BACKENDS.items()}
 
 
-def resolve_backend(name: str, *, needs_artifacts: bool = False) -> str:
+def resolve_backend(name: str, *, needs_artifacts: bool = False, artifacts: Mapping[str, Any] | None = None) -> str:
     """Validate a backend name; `auto` picks the first available of AUTO_ORDER (with `needs_artifacts`,
-    only backends that run exported engines: the PyTorch ones need the checkpoints instead)."""
+    only backends that run exported engines: the PyTorch ones need the checkpoints instead). With
+    `artifacts` (artifact_dir=, config=, precision=) a backend that checks its artifacts is skipped
+    when the folder holds none usable here; the choice and the reasons go to one log line."""
     status = available_backends()
     if name == "auto":
+        skipped = []
         for candidate in AUTO_ORDER:
             if needs_artifacts and candidate.startswith("torch"):
                 continue
-            if candidate in status and status[candidate] is None:
+            if candidate not in status:
+                continue
+            reason = status[candidate]
+            if reason is None and artifacts is not None and candidate in ARTIFACT_CHECKS:
+                reason = ARTIFACT_CHECKS[candidate](**artifacts)
+                if reason is not None:
+                    skipped.append(f"{candidate}: {reason}")
+            if reason is None:
+                if skipped:
+                    log.info("backend auto: %s (skipped %s)", candidate, "; ".join(skipped))
                 return candidate
         raise RuntimeError(f"no backend is available: {status}")
     if name not in status:

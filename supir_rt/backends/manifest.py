@@ -8,7 +8,12 @@ with a message that names the file and the command that rebuilds it.
 
 File names (documented in engines/README.md):
 * ONNX:      ``<network>_<precision>.onnx`` (+ ``.onnx.data`` external weights) and ``.json`` manifest;
-* TensorRT:  ``<network>_<precision>_<profile>_sm<cc>_trt<version>.plan`` and ``.plan.json``.
+* TensorRT:  ``<network>_<precision>_sm<cc>_trt<version>.plan`` and ``.plan.json``; the plan's
+  optimisation profiles, the GPU and the ONNX/weights hashes it was built from are in the manifest
+  (`check_plan` compares them with this GPU and the ONNX files in the folder).
+
+Files are written atomically (a temporary file in the same folder, then a rename), so a crash or a
+failed build never leaves a half-written plan or manifest behind.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -52,17 +59,44 @@ def profile_tag(ranges: Mapping[str, DimRange] = DEFAULT_RANGES) -> str:
     return ".".join(f"{k}{r.min}-{r.opt}-{r.max}" for k, r in sorted(ranges.items()))
 
 
-def plan_name(network: str, precision: str, ranges: Mapping[str, DimRange], compute_capability: tuple[int, int],
-              trt_version: str) -> str:
+def plan_name(network: str, precision: str, compute_capability: tuple[int, int], trt_version: str) -> str:
+    """One plan per network, precision, GPU family and TensorRT version; its profiles are in the
+    manifest (the runtime reads them from there, never from the name)."""
     sm = f"{compute_capability[0]}{compute_capability[1]}"
-    return f"{network}_{precision}_{profile_tag(ranges)}_sm{sm}_trt{trt_version}.plan"
+    return f"{network}_{precision}_sm{sm}_trt{trt_version}.plan"
 
 
-def rebuild_command(config: ModelConfig, precision: str, *, trt: bool = False, artifact_dir: Path | None = None) -> str:
-    """The command line that rebuilds artifacts for this configuration (quoted in every error)."""
-    src = "--tiny-random" if config.name == "tiny" else "--sdxl SDXL.safetensors --supir SUPIR-v0Q.ckpt"
+def timing_cache_name(compute_capability: tuple[int, int], trt_version: str) -> str:
+    """The builder's timing cache beside the plans (tactic timings are only valid for one GPU/version)."""
+    return f"timing_sm{compute_capability[0]}{compute_capability[1]}_trt{trt_version}.cache"
+
+
+def rebuild_command(config: ModelConfig, precision: str, *, trt: bool = False, artifact_dir: Path | None = None,
+                    extra: str = "") -> str:
+    """The command line that rebuilds artifacts for this configuration (quoted in every error).
+    TensorRT plans are rebuilt from the ONNX files already in the folder (``--trt-only``)."""
     out = f" --out {artifact_dir}" if artifact_dir is not None else ""
-    return f"{REBUILD_ONNX} {src} --precision {precision}{out}{' --trt' if trt else ''}"
+    if trt:
+        src = " --tiny-random" if config.name == "tiny" else ""
+        return f"{REBUILD_ONNX} --trt-only{src} --precision {precision}{out}{extra}"
+    src = "--tiny-random" if config.name == "tiny" else "--sdxl SDXL.safetensors --supir SUPIR-v0Q.ckpt"
+    return f"{REBUILD_ONNX} {src} --precision {precision}{out}{extra}"
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`:
+    readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------ fingerprints
@@ -121,7 +155,7 @@ class Manifest:
     version: int = MANIFEST_VERSION
 
     def write(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n")
+        atomic_write_bytes(Path(path), (json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n").encode())
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
@@ -174,6 +208,55 @@ def check_manifest(artifact: Path, *, spec: NetworkSpec, config: ModelConfig, pr
     if problems:
         raise ArtifactError(f"{artifact} does not match what the runtime expects: " + "; ".join(problems)
                             + f"; {fix}")
+    return man
+
+
+# ------------------------------------------------------------------------------------ TensorRT plans
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+    """What a TensorRT plan is only valid for: the GPU model, its compute capability, the TensorRT version."""
+
+    name: str
+    compute_capability: tuple[int, int]
+    tensorrt: str
+
+    def fields(self) -> dict[str, str]:
+        """The manifest `build` fields that must equal this target."""
+        cc = self.compute_capability
+        return {"gpu_name": self.name, "compute_capability": f"{cc[0]}.{cc[1]}", "tensorrt": self.tensorrt}
+
+
+def check_plan(plan: Path, *, spec: NetworkSpec, config: ModelConfig, precision: str, target: GpuTarget,
+               verify_hash: bool = True) -> Manifest:
+    """`check_manifest` for a TensorRT plan, plus: built for this GPU and TensorRT (`target`), and not
+    stale: the ONNX file it was built (or last refitted) from must still be the one in the folder
+    (same file hash and weights hash). Every refusal names the command that rebuilds the plan."""
+    plan = Path(plan)
+    fix = rebuild_command(config, precision, trt=True, artifact_dir=plan.parent)
+    if not plan.is_file():
+        others = sorted(p.name for p in plan.parent.glob(f"{spec.name}_*.plan")) if plan.parent.is_dir() else []
+        if others:
+            raise ArtifactError(f"no TensorRT plan {plan.name} for this GPU ({target.name}, compute capability "
+                                f"{target.fields()['compute_capability']}), TensorRT {target.tensorrt} and precision "
+                                f"{precision} in {plan.parent} (it holds {', '.join(others)}: other GPUs, TensorRT "
+                                f"versions or precisions); rebuild with: {fix}")
+    man = check_manifest(plan, spec=spec, config=config, precision=precision, kind="tensorrt",
+                         verify_hash=verify_hash, extra=target.fields())
+    onnx = plan.parent / man.build.get("onnx", "")
+    onnx_manifest = manifest_path(onnx)
+    if man.build.get("onnx") and onnx.is_file() and onnx_manifest.is_file():
+        current = Manifest.read(onnx_manifest)
+        built = (man.build.get("onnx_sha256"), man.weights_sha256)
+        now = (current.files.get(onnx.name), current.weights_sha256)
+        if built != now:
+            what = "its weights" if built[1] != now[1] else "the graph"
+            raise ArtifactError(
+                f"{plan} is stale: it was built from {onnx.name} sha256 {str(built[0])[:12]} (weights "
+                f"{str(built[1])[:12]}), the folder now holds sha256 {str(now[0])[:12]} (weights {str(now[1])[:12]}): "
+                f"{what} changed after the plan was built; rebuild with: {fix}"
+                + (f" (or, same architecture with other weights, refit it: {fix} --refit)"
+                   if man.build.get("refit") == "full" else ""))
     return man
 
 

@@ -37,6 +37,117 @@ DEFAULT_RANGES: dict[str, DimRange] = {
 }
 
 
+# ------------------------------------------------------------------------------ TensorRT profiles
+
+# The sampler's tile (tiled sampling): 128 x 128 latent (1024 px) tiles, stride 64, batched through
+# `unet_adaptor` (2B rows per call). A plan gets a profile for exactly this shape, so tiled restores
+# of any image size run on kernels tuned for it.
+SAMPLER_TILE_LATENT = 128
+SAMPLER_TILE_BATCH = 4
+STATIC_LATENT = 128  # the common 1024 px-class request, one image
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One TensorRT optimisation profile: a name and a (min, opt, max) range per symbol.
+
+    A plan holds several; the runtime picks, per request, the tightest one containing its sizes
+    (`select_profile`). Symbols a network does not use are ignored for that network.
+    """
+
+    name: str
+    ranges: tuple[tuple[str, DimRange], ...]
+    networks: tuple[str, ...] | None = None  # the networks that get it (None: all)
+
+    @classmethod
+    def of(cls, name: str, ranges: Mapping[str, DimRange], networks: tuple[str, ...] | None = None) -> Profile:
+        for sym, r in ranges.items():
+            if not 1 <= r.min <= r.opt <= r.max:
+                raise ValueError(f"profile {name!r}: {sym} range {r.min}/{r.opt}/{r.max} needs 1 <= min <= opt <= max")
+        return cls(name, tuple(sorted(ranges.items())), None if networks is None else tuple(networks))
+
+    @property
+    def range_map(self) -> dict[str, DimRange]:
+        return dict(self.ranges)
+
+    def restricted(self, symbols: set[str]) -> Profile:
+        """The same profile over only the symbols a network uses."""
+        return Profile(self.name, tuple((k, r) for k, r in self.ranges if k in symbols), self.networks)
+
+    def contains(self, dims: Mapping[str, int]) -> bool:
+        return all(r.min <= dims[k] <= r.max for k, r in self.ranges if k in dims)
+
+    @property
+    def is_static(self) -> bool:
+        return all(r.min == r.max for _, r in self.ranges)
+
+    def volume(self) -> int:
+        n = 1
+        for _, r in self.ranges:
+            n *= r.max - r.min + 1
+        return n
+
+    def describe(self) -> str:
+        """``static (B 1, h 128, w 128)`` / ``dynamic (B 1..4, h 8..256, w 8..256)``."""
+        parts = [f"{k} {r.min}" if r.min == r.max else f"{k} {r.min}..{r.max}" for k, r in self.ranges]
+        return f"{self.name} ({', '.join(parts)})"
+
+    def to_json(self) -> dict:
+        data = {"name": self.name, "ranges": {k: [r.min, r.opt, r.max] for k, r in self.ranges}}
+        return data if self.networks is None else {**data, "networks": list(self.networks)}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Profile:
+        return cls.of(data["name"], {k: DimRange(*v) for k, v in data["ranges"].items()}, data.get("networks"))
+
+
+def default_profiles(*, static_latent: tuple[int, int] | None = (STATIC_LATENT, STATIC_LATENT),
+                     tile_latent: int | None = SAMPLER_TILE_LATENT, tile_batch: int = SAMPLER_TILE_BATCH,
+                     dynamic: Mapping[str, DimRange] | None = DEFAULT_RANGES) -> tuple[Profile, ...]:
+    """The profiles a plan is built with by default: a static one for the common 1024 px-class
+    request, one for the sampler tile (a batch of 1..`tile_batch` tiles; `unet_adaptor` only, the
+    network the tiled sampler calls), and a dynamic fallback. Pass None to leave one out."""
+    profiles = []
+    if static_latent is not None:
+        h, w = static_latent
+        profiles.append(Profile.of("static", {"B": DimRange(1, 1, 1), "h": DimRange(h, h, h), "w": DimRange(w, w, w)}))
+    if tile_latent is not None:
+        t = tile_latent
+        profiles.append(Profile.of("tile", {"B": DimRange(1, tile_batch, tile_batch), "h": DimRange(t, t, t),
+                                            "w": DimRange(t, t, t)}, networks=("unet_adaptor",)))
+    if dynamic is not None:
+        profiles.append(Profile.of("dynamic", dynamic))
+    if not profiles:
+        raise ValueError("at least one TensorRT profile is needed (static, tile or dynamic)")
+    return tuple(profiles)
+
+
+def network_profiles(spec: NetworkSpec, profiles: tuple[Profile, ...]) -> tuple[Profile, ...]:
+    """The profiles as one network sees them: restricted to its symbols, duplicates dropped (e.g.
+    the text encoders only have `B`, so `static` and `tile` may give the same shapes)."""
+    symbols = set().union(*(s.symbols() for s in spec.inputs))
+    out: list[Profile] = []
+    seen: set[tuple] = set()
+    for p in profiles:
+        if p.networks is not None and spec.name not in p.networks:
+            continue
+        q = p.restricted(symbols)
+        key = tuple(sorted(spec.profile(q.range_map).items())) if symbols else ()
+        if key not in seen:
+            seen.add(key)
+            out.append(q)
+    return tuple(out)
+
+
+def select_profile(profiles: tuple[Profile, ...], dims: Mapping[str, int]) -> int | None:
+    """Index of the tightest profile containing `dims` (static before dynamic, then the smallest
+    range), or None when none does."""
+    fits = [i for i, p in enumerate(profiles) if p.contains(dims)]
+    if not fits:
+        return None
+    return min(fits, key=lambda i: (not profiles[i].is_static, profiles[i].volume(), i))
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
