@@ -25,8 +25,30 @@ BUDGET_S=${BUDGET_S:-470}
 START=$(date +%s)
 RES=${OUT:-benchmarks/results}/gpu-$(date -u +%Y%m%dT%H%M%SZ)${DRY:+-dry-run}
 mkdir -p "$RES"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+WHEELS=${WHEELS:-.whl}  # pure-Python dependencies the GPU image may lack, brought along as wheels
+
+missing_packages() {  # supir-rt's import-time dependencies that this Python cannot import
+    $PY -c '
+import importlib.util
+need = {"torch": "torch", "numpy": "numpy", "PIL": "pillow", "safetensors": "safetensors", "tokenizers": "tokenizers",
+        "ftfy": "ftfy", "wcwidth": "wcwidth", "regex": "regex", "yaml": "pyyaml", "tqdm": "tqdm"}
+print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))'
+}
+missing=$(missing_packages)
+if [[ -n "$missing" ]] && compgen -G "$WHEELS/*.whl" > /dev/null; then
+    echo "== installing $missing from $WHEELS/ (offline)"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/supir-rt-site \
+        "$WHEELS"/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/supir-rt-site"
+    missing=$(missing_packages)
+fi
+if [[ -n "$missing" ]]; then
+    echo "gpu_check: Python packages missing here: $missing. This machine has no network: on one that has, run"
+    echo "  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl $missing"
+    echo "and bring the .whl folder along (or point WHEELS= at it)."
+    exit 2
+fi
 
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 
