@@ -174,9 +174,12 @@ class Restorer:
                 _check_fp8(dev)
             with _loading_memory(plan, config):
                 # each part allocated where the plan puts it, then the files streamed tensor by tensor
-                model = build_placed_model(config, plan, init=False)
+                model = build_placed_model(config, _loading_plan(plan, fp8_weights), init=False,
+                                           pin=False if fp8_weights else None)
                 load_checkpoints(model, sdxl=sdxl, supir=supir)
-            engines = _open_torch(model, plan, torch_options, fp8_weights)
+                if fp8_weights:  # quantised on the host, so the GPU never holds the fp16 UNet
+                    _quantize_and_place(model, plan)
+            engines = _open_torch(model, plan, torch_options, fp8_weights=False)
             desc.update(_torch_description(plan, torch_options, fp8_weights))
         else:
             engines = _open_artifact_engines(backend, config, engines_dir, dtype)
@@ -346,6 +349,32 @@ class Restorer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _loading_plan(plan: Any, fp8_weights: bool) -> Any:
+    """Where to load the weights: the plan itself, except that with fp8 weights the UNet + adaptor is
+    loaded on the host (fp16, unpinned: host RAM then holds about the fp16 weights, 1.0x) and quantised
+    there before it goes to the GPU, so a GPU that fits the fp8 UNet but not the fp16 one can load it."""
+    from supir_rt.backends.placement import MemoryPlan, NetworkPlacement
+
+    if not fp8_weights or plan.device.type == "cpu":
+        return plan
+    unet = plan.networks["unet_adaptor"]
+    return MemoryPlan(plan.device, {**plan.networks, "unet_adaptor": NetworkPlacement(unet.dtype, resident=False)})
+
+
+def _quantize_and_place(model: torch.nn.Module, plan: Any) -> None:
+    from supir_rt.backends.fp8 import quantize_fp8_
+
+    from supir_rt.backends.placement import NETWORK_PARTS, pin_host_memory
+
+    quantize_fp8_(model.model)
+    model.model.to(plan.home("unet_adaptor"))  # a device move only: a dtype cast would upcast the fp8 buffers
+    if plan.device.type == "cuda":
+        for name, parts in NETWORK_PARTS.items():
+            if not plan.networks[name].resident:
+                for part in parts:
+                    pin_host_memory(model.get_submodule(part))
 
 
 def _open_torch(model: torch.nn.Module, plan: Any, options: Any, fp8_weights: bool) -> dict[str, Engine]:

@@ -81,3 +81,33 @@ def test_out_of_memory_while_sampling_is_one_clear_error_and_nothing_written(src
     assert code == 2 and err.count("error:") == 1 and "Traceback" not in err
     assert "out of memory in sampling" in err and "--min-size" in err
     assert list(tmp_path.iterdir()) == [src]
+
+
+def test_from_weights_with_fp8_weights(tmp_path):
+    """Loading checkpoints with --fp8-weights: the UNet + adaptor ends up with e4m3 weights, the rest as
+    planned; for a GPU the fp16 UNet is loaded on the host and quantised there (never on the GPU)."""
+    from safetensors.torch import save_file
+
+    from supir_rt.api import Restorer, _loading_plan
+    from supir_rt.backends.fp8 import Fp8Linear
+    from supir_rt.backends.placement import MemoryPlan
+    from supir_rt.config import ModelConfig
+    from supir_rt.model.supir import build_model
+    from supir_rt.restore_config import RestoreConfig
+
+    torch.manual_seed(0)
+    state = build_model(ModelConfig.tiny()).state_dict()
+    supir = {k: v.contiguous() for k, v in state.items() if k.startswith("model.control_model.")}
+    save_file({k: v.contiguous() for k, v in state.items() if k not in supir}, tmp_path / "sdxl.safetensors")
+    save_file(supir, tmp_path / "supir.safetensors")
+    with Restorer.from_weights(tmp_path / "sdxl.safetensors", tmp_path / "supir.safetensors",
+                               config=ModelConfig.tiny(), fp8_weights=True) as restorer:
+        unet = restorer.engines["unet_adaptor"].module.inner.model
+        layers = [m for m in unet.modules() if isinstance(m, Fp8Linear)]
+        assert layers and all(m.weight_fp8.dtype == torch.float8_e4m3fn for m in layers)
+        out = restorer.restore(gradient_image(40, 30), RestoreConfig(num_steps=1, min_size=64))
+    assert out.metadata["runtime"]["fp8_weights"] is True
+    gpu = MemoryPlan.for_device("cuda")
+    loading = _loading_plan(gpu, True)
+    assert loading.home("unet_adaptor") == torch.device("cpu") and loading.networks["unet_adaptor"].dtype == torch.float16
+    assert _loading_plan(gpu, False) is gpu
