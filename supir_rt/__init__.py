@@ -7,13 +7,19 @@ Public API:
 Engines (`supir_rt.backends`) and captioning (`supir_rt.caption`) live in their packages.
 """
 
-from supir_rt.api import Restored, Restorer, SetupError
-from supir_rt.config import ModelConfig
-from supir_rt.images import ImageError
-from supir_rt.model.supir import SUPIRModel, build_model
-from supir_rt.pipeline import NonFiniteOutputError, Pipeline, RestoreResult
-from supir_rt.restore_config import RESTORE_PRESETS, RestoreConfig, restore_preset
-from supir_rt.weights import CheckpointError, load_checkpoints
+import os
+
+# ONNX Runtime >= 1.29 starts Microsoft telemetry when imported (a session file in $TMPDIR, a device id in
+# ~/.cache/Microsoft): off unless ORT_DISABLE_TELEMETRY is set otherwise. Before any onnxruntime import.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from supir_rt.api import Restored, Restorer, SetupError  # noqa: E402
+from supir_rt.config import ModelConfig  # noqa: E402
+from supir_rt.images import ImageError  # noqa: E402
+from supir_rt.model.supir import SUPIRModel, build_model  # noqa: E402
+from supir_rt.pipeline import NonFiniteOutputError, Pipeline, RestoreResult  # noqa: E402
+from supir_rt.restore_config import RESTORE_PRESETS, RestoreConfig, restore_preset  # noqa: E402
+from supir_rt.weights import CheckpointError, load_checkpoints  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -287,6 +287,19 @@ class Restorer:
             out.putalpha(loaded.alpha.resize(out.size, Image.Resampling.BICUBIC))
         return Restored(image=out, result=result, metadata=self.metadata(result, source))
 
+    def stage1_image(self, image: Image.Image | LoadedImage, config: RestoreConfig | None = None) -> Image.Image:
+        """The stage-1 image (degradation-robust encoder, then the VAE decoder) at the output size: what
+        the colour fix uses as reference and, at short side 512, what an image captioner looks at."""
+        from supir_rt.pipeline import postprocess, preprocess, processing_sizes, stage1
+
+        config = config or RestoreConfig()
+        loaded = image if isinstance(image, LoadedImage) else from_pil(image)
+        self._check_size(loaded, config, loaded.path)
+        sizes = processing_sizes(*loaded.size, config.upscale, config.min_size)
+        with torch.inference_mode():
+            first = stage1(self.engines, preprocess(loaded.rgb, sizes).to(self.pipeline.device))
+            return Image.fromarray(postprocess(first.image, sizes.output), "RGB")
+
     def restore_file(
         self, input_path: str | Path, output_path: str | Path, config: RestoreConfig | None = None, *,
         caption: str | None = None, overwrite: bool = False, callback: Callable[[StepInfo], None] | None = None,

@@ -1,4 +1,4 @@
-"""The ``supir-rt`` command: ``restore`` (and ``caption`` when the captioning package is present).
+"""The ``supir-rt`` command: ``restore``, ``ui`` (`supir_rt.ui`), and ``caption`` when captioning is present.
 
 A thin layer over `supir_rt.api.Restorer`: parse flags into a `RestoreConfig`, find the weights, plan
 every output before any work, then restore image by image. Bad input gives one ``error: ...`` line
@@ -256,7 +256,14 @@ def add_restore_parser(subparsers: Any) -> None:
                    help="none (default), sidecar (IMAGE.txt beside each image), llava (needs --llava-dir)")
     c.add_argument("--llava-dir", type=Path, default=None, help="exported LLaVA folder for --captioner llava")
 
-    r = p.add_argument_group("runtime and weights")
+    add_runtime_options(p)
+    p.set_defaults(func=run_restore)
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """Weights, backend, device and logging flags, shared by every command that loads the model
+    (``restore``, ``ui``); `build_restorer` reads them."""
+    r = parser.add_argument_group("runtime and weights")
     r.add_argument("--sdxl", type=Path, help=f"SDXL base checkpoint ({SDXL_FILE}); env ${ENV_SDXL}")
     r.add_argument("--supir", type=Path, help=f"SUPIR checkpoint ({SUPIR_FILES['Q']} or {SUPIR_FILES['F']}); env ${ENV_SUPIR}")
     r.add_argument("--supir-variant", choices=("Q", "F", "q", "f"), default=None,
@@ -287,7 +294,6 @@ def add_restore_parser(subparsers: Any) -> None:
                    help="run the tiny configuration with random weights (no download; output is NOT a restoration)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=run_restore)
 
 
 SETTING_FLAGS = (
@@ -462,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_caption_parser(sub)
+    from supir_rt.ui.cli import add_ui_parser  # gradio itself is imported only when the command runs
+
+    add_ui_parser(sub)
     return parser
 
 
