@@ -276,7 +276,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="precision of the diffusion networks (default fp32 on CPU, fp16 on CUDA) [--diff_dtype]")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
-    g = p.add_argument_group("PyTorch backend speed and memory (docs/cuda.md)")
+    g = parser.add_argument_group("PyTorch backend speed and memory (docs/cuda.md)")
     g.add_argument("--vae-dtype", choices=("bf16", "fp32"), default=None,
                    help="precision of the VAE networks (default bf16 on CUDA, fp32 on CPU; never fp16: it overflows)")
     g.add_argument("--no-offload", action="store_false", dest="offload", default=None,
@@ -341,10 +341,11 @@ def build_restorer(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
     torch_opts = torch_options_from_args(args)
-    given = [flag for flag, on in (
-        ("--vae-dtype", args.vae_dtype), ("--no-offload", args.offload is False), ("--compile", args.compile),
-        ("--compile-mode", args.compile_mode), ("--no-cuda-graphs", args.cuda_graphs is False),
-        ("--fp8-weights", args.fp8_weights)) if on]
+    flag = lambda name: getattr(args, name, None)  # noqa: E731 - namespaces built by other commands may lack them
+    given = [name for name, on in (
+        ("--vae-dtype", flag("vae_dtype")), ("--no-offload", flag("offload") is False), ("--compile", flag("compile")),
+        ("--compile-mode", flag("compile_mode")), ("--no-cuda-graphs", flag("cuda_graphs") is False),
+        ("--fp8-weights", flag("fp8_weights"))) if on]
     if given and (backend not in ("auto", "torch") or (engines_dir is not None and backend != "torch")):
         raise SetupError(f"{', '.join(given)}: PyTorch backend options; drop them or use --backend torch")
     if args.tiny_random:
@@ -364,8 +365,8 @@ def torch_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     compile_ = bool(getattr(args, "compile", False))
     options = None
     if compile_ or getattr(args, "cuda_graphs", None) is not None:
-        options = TorchOptions(compile=compile_, compile_mode=args.compile_mode or "default",
-                               cuda_graphs=args.cuda_graphs)
+        options = TorchOptions(compile=compile_, compile_mode=getattr(args, "compile_mode", None) or "default",
+                               cuda_graphs=getattr(args, "cuda_graphs", None))
     return {"vae_dtype": getattr(args, "vae_dtype", None), "offload": getattr(args, "offload", None),
             "fp8_weights": bool(getattr(args, "fp8_weights", False)), "torch_options": options}
 
