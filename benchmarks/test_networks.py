@@ -73,7 +73,7 @@ def test_network(benchmark, network: str, backend: str, precision: str, latent: 
     out = engine.infer(feed)
     kit.sync(opts.device)
     case["first_call_s"] = time.perf_counter() - t0
-    case["parity"] = check = kit.parity(out, reference, precision)
+    case["parity"] = check = kit.parity(out, reference, precision, network)
     benchmark.extra_info.update(parity=check)
     if not check["passed"]:
         recorder.add({**case, "status": "parity-failed"})

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny configuration, a tiny random model, markers for GPU-only tests."""
+"""Shared fixtures: the tiny configuration, a tiny random model; the `requires_cuda` marker."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import torch
 
 from supir_rt.config import ModelConfig
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.requires_cuda` tests run only where torch sees a CUDA GPU (skipped, with the reason, elsewhere)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "requires_cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@ import torch
 
 from supir_rt.colorfix import adain_color_fix, color_fix, wavelet_blur, wavelet_decomposition, wavelet_reconstruction
 
+from formulas import direct_blur, direct_wavelet_fix, direct_wavelet_lowpass
+
 
 def _image(seed: int, shape: tuple[int, ...] = (2, 3, 40, 36)) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
@@ -17,14 +19,29 @@ def test_wavelet_with_itself_as_style_is_identity() -> None:
     torch.testing.assert_close(wavelet_reconstruction(img, img), img, atol=1e-5, rtol=0)
 
 
+def test_wavelet_reconstruction_matches_direct_convolution() -> None:
+    """Against the à-trous sum written out tap by tap (tests/formulas.py), on a non-square image
+    smaller than the largest dilation (32 > 20 px), so the clamped borders matter everywhere."""
+    content, style = _image(1, (2, 3, 20, 28)), _image(6, (2, 3, 20, 28)) * 0.5 + 0.1
+    expected = torch.from_numpy(direct_wavelet_fix(content.numpy(), style.numpy()))
+    torch.testing.assert_close(wavelet_reconstruction(content, style).double(), expected, atol=2e-6, rtol=0)
+    high, low = wavelet_decomposition(content)
+    torch.testing.assert_close(low.double(), torch.from_numpy(direct_wavelet_lowpass(content.numpy())), atol=2e-6, rtol=0)
+    torch.testing.assert_close(high + low, content, atol=2e-6, rtol=0)
+
+
+def test_wavelet_blur_matches_direct_convolution_at_every_radius() -> None:
+    img = _image(7, (1, 2, 17, 23))
+    for radius in (1, 2, 4, 8, 16):
+        expected = torch.from_numpy(direct_blur(img.numpy(), radius))
+        torch.testing.assert_close(wavelet_blur(img, radius).double(), expected, atol=1e-6, rtol=0)
+
+
 def test_wavelet_transfers_low_frequencies_of_constants() -> None:
     content, style = _image(1, (1, 4, 32, 32)), torch.full((1, 4, 32, 32), 0.25)
-    out = wavelet_reconstruction(content, style)
-    high, low = wavelet_decomposition(content)
-    torch.testing.assert_close(out, high + 0.25)
-    # a constant content has no high frequencies: the output is the style's low band
-    out = wavelet_reconstruction(torch.full_like(content, -0.5), content)
-    torch.testing.assert_close(out, wavelet_decomposition(content)[1], atol=1e-6, rtol=0)
+    out = wavelet_reconstruction(content, style)  # a constant style's low band is itself
+    expected = content.double() - torch.from_numpy(direct_wavelet_lowpass(content.numpy())) + 0.25
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=0)
 
 
 def test_wavelet_blur_kernel_and_dilation() -> None:

@@ -53,7 +53,7 @@ def test_randn_like_follows_dtype_and_posterior_casts() -> None:
     assert source.randn_like(torch.zeros(SHAPE, dtype=torch.float64)).dtype == torch.float64
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA noise stream needs a CUDA device")
+@pytest.mark.requires_cuda  # the CUDA noise stream needs a CUDA device
 def test_cuda_noise_stream_matches_a_seeded_cuda_generator() -> None:
     source = NoiseSource(1234, device="cuda")
     post = source.posterior(SHAPE, device="cuda")

@@ -13,7 +13,6 @@ from supir_rt.model.supir import build_model
 from supir_rt.weights import SUPIR_KEY_PREFIXES, CheckpointError, load_checkpoints
 
 
-
 def split_official(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """Split a full state dict the way the official files are split (reference doc §3.1-3.2)."""
     supir = {k: v for k, v in state.items() if k.startswith(SUPIR_KEY_PREFIXES)}
@@ -45,18 +44,9 @@ def files(source, tmp_path_factory):
     return write(sdxl, d / "sd_xl_base.safetensors", torch.float32), write(supir, d / "SUPIR-v0Q.ckpt", torch.float32)
 
 
-def _inputs(cfg):
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    cond = {"crossattn": torch.randn(2, 77, cfg.network_config.context_dim, generator=g),
-            "vector": torch.randn(2, cfg.network_config.adm_in_channels, generator=g),
-            "control": torch.randn(2, 4, 8, 8, generator=g)}
-    return x, torch.tensor([999, 20]), cond
-
-
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 @pytest.mark.parametrize("file_dtype", [torch.float32, torch.float16])
-def test_official_layout_loads_strictly_and_reproduces_outputs(source, tiny_config, tmp_path, suffix, file_dtype):
+def test_official_layout_loads_strictly_every_tensor_bit_exact(source, tiny_config, tmp_path, suffix, file_dtype):
     sdxl, supir = split_official(source.state_dict())
     paths = write(sdxl, tmp_path / f"sdxl{suffix}", file_dtype), write(supir, tmp_path / f"supir{suffix}", file_dtype)
     torch.manual_seed(999)  # different random init: everything must be overwritten
@@ -66,9 +56,6 @@ def test_official_layout_loads_strictly_and_reproduces_outputs(source, tiny_conf
     loaded = model.state_dict()
     assert set(loaded) == set(expected)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
-    if file_dtype == torch.float32:
-        x, t, cond = _inputs(tiny_config)
-        torch.testing.assert_close(model.network(x, t, cond, 1.0), source.network(x, t, cond, 1.0), rtol=0, atol=0)
 
 
 def test_fp32_files_load_into_fp16_model(files, source, tiny_config):
