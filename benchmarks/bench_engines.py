@@ -15,15 +15,14 @@ from torch import nn
 
 from bench_memory import CaseSkipped, param_bytes, require_memory
 from bench_options import PRECISIONS, BenchOptions
-from supir_rt.backends.modules import NETWORK_MODULES
+from supir_rt.backends.modules import NETWORK_MODULES, OWNER_MODULES
 from supir_rt.backends.specs import NETWORKS, network_specs
 from supir_rt.model import supir as supir_model
 
 log = logging.getLogger("supir_rt.benchmarks")
 
 # The part of SUPIRModel each network's positional module runs (NETWORK_MODULES wrap these).
-OWNERS = {"dr_encoder": "first_stage_model", "vae_encoder": "first_stage_model", "vae_decoder": "first_stage_model",
-          "unet_adaptor": "model", "text_encoders": "conditioner"}
+OWNERS = OWNER_MODULES
 _OWNER_SEEDS = {"first_stage_model": 1, "model": 2, "conditioner": 3}
 
 

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_parity import rel_error  # noqa: E402
 
-from supir_rt.backends.modules import NETWORK_MODULES  # noqa: E402
+from supir_rt.backends.modules import NETWORK_MODULES, OWNER_MODULES  # noqa: E402
 from supir_rt.backends.specs import NETWORKS, network_specs  # noqa: E402
 from supir_rt.backends.torch_backend import TorchEngine  # noqa: E402
 from supir_rt.config import ModelConfig  # noqa: E402
@@ -46,8 +46,7 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 PERTURBATIONS = (0.01, 0.03, 0.1)  # fractions of the weights' std added as noise to one UNet conv
 
 
-OWNERS = {"dr_encoder": "first_stage_model", "vae_encoder": "first_stage_model", "vae_decoder": "first_stage_model",
-          "unet_adaptor": "model", "text_encoders": "conditioner"}
+OWNERS = OWNER_MODULES  # the SUPIRModel part each network reads
 
 
 def seeded_model(config: ModelConfig, networks: list[str], seed: int):

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-NETWORKS = ("dr_encoder", "vae_encoder", "unet_adaptor", "vae_decoder", "text_encoders")
+from supir_rt.backends.specs import NETWORKS  # the one list of networks
 
 
 class TimedEngine:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from supir_rt.backends.manifest import Manifest, manifest_path  # noqa: E402
+from supir_rt.backends.modules import OWNER_MODULES  # noqa: E402
 from supir_rt.backends.onnx_export import check_graph_io, export_network  # noqa: E402
 from supir_rt.backends.specs import NETWORKS, network_specs  # noqa: E402
 from supir_rt.config import ModelConfig  # noqa: E402
@@ -44,8 +45,7 @@ def rss_gib() -> float:
 
 
 # The part of SUPIRModel each exported network reads; the rest stays on the meta device (no memory).
-NEEDS = {"unet_adaptor": "model", "text_encoders": "conditioner", "dr_encoder": "first_stage_model",
-         "vae_encoder": "first_stage_model", "vae_decoder": "first_stage_model"}
+NEEDS = OWNER_MODULES
 
 
 def export_full(out: Path, precision: str, networks: list[str]) -> dict:

@@ -27,10 +27,13 @@ from PIL import Image
 
 from supir_rt.backends import Engine, open_engines
 from supir_rt.config import ModelConfig
+from supir_rt.errors import UserError
 from supir_rt.images import (
     DEFAULT_MAX_PIXELS, ImageError, LoadedImage, check_output_path, from_pil, load_image, save_image,
 )
 from supir_rt.pipeline import Pipeline, RestoreResult
+from supir_rt.progress import Progress, phase
+from supir_rt.progress import active as active_progress
 from supir_rt.restore_config import RestoreConfig
 from supir_rt.sampler import StepInfo
 
@@ -43,7 +46,7 @@ SUPIR_FILES = {"Q": "SUPIR-v0Q.ckpt", "F": "SUPIR-v0F.ckpt"}
 DEFAULT_MAX_PROCESSING_PIXELS = 16 * 1024 * 1024
 
 
-class SetupError(ValueError):
+class SetupError(UserError):
     """The runtime cannot be set up as asked (device, dtype, backend, engines); the message says how to fix it."""
 
 
@@ -120,7 +123,11 @@ class Restored:
 
 
 class Restorer:
-    """Holds the engines and the pipeline; `restore` / `restore_file` run one image each."""
+    """Holds the engines and the pipeline; `restore` / `restore_file` run one image each.
+
+    ``progress``: False (default) reports nothing; True shows a status line per phase on a terminal
+    (unless the caller already activated a `supir_rt.progress.Progress`); a `Progress` instance collects
+    the phase times of every call (its `summary_line`) and shows them as it is configured to."""
 
     def __init__(
         self,
@@ -131,7 +138,7 @@ class Restorer:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_processing_pixels: int | None = DEFAULT_MAX_PROCESSING_PIXELS,
         skip_unused_work: bool = True,
-        progress: bool = False,
+        progress: bool | Progress = False,
         description: Mapping[str, Any] | None = None,
     ) -> None:
         self.engines = dict(engines)
@@ -211,11 +218,16 @@ class Restorer:
         config = ModelConfig.tiny()
         dev, dt = check_device(device), parse_dtype(dtype)
         _warn_precision(dev, dt)
-        backend = "torch" if backend == "auto" else backend
+        # auto: torch, or with engines_dir the engine backend whose artifacts there are usable
+        backend = _pick_backend(backend, engines_dir, dev, config, dtype)
         if backend.startswith("torch"):
             plan = _memory_plan(dev, dt, vae_dtype, offload)
             if fp8_weights:
                 _check_fp8(dev)
+        else:
+            _check_engine_dtype(dtype)
+            if engines_dir is not None:
+                _refuse_foreign_engines(Path(engines_dir), config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model(config, device=dev)
@@ -265,23 +277,15 @@ class Restorer:
         for note in loaded.notes:
             log.info("%s: %s", source or "image", note)
         self._check_size(loaded, config, source)
-        step_cb = callback
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=config.num_steps, desc="steps", unit="step", leave=False, disable=None)
-
-            def step_cb(info: StepInfo) -> None:
-                bar.update(1)
-                if callback is not None:
-                    callback(info)
+        progress = self._progress_for_call()
+        token = progress.activate() if progress is not None else None
         try:
             result = self.pipeline.run(loaded.rgb, config, caption=caption, captioner=self.captioner,
-                                       source=source, callback=step_cb)
+                                       source=source, callback=callback)
         finally:
-            if bar is not None:
-                bar.close()
+            if progress is not None:
+                progress.deactivate(token)
+                progress.clear()
         out = Image.fromarray(result.image, "RGB")
         if loaded.alpha is not None:
             out.putalpha(loaded.alpha.resize(out.size, Image.Resampling.BICUBIC))
@@ -312,7 +316,8 @@ class Restorer:
         restored = self.restore(loaded, config, caption=caption, source=input_path, callback=callback)
         rgb = restored.image.convert("RGB") if restored.image.mode == "RGBA" else restored.image
         alpha = restored.image.getchannel("A") if restored.image.mode == "RGBA" else None
-        save_image(output_path, rgb, alpha=alpha, metadata=restored.metadata, icc_profile=loaded.icc_profile)
+        with phase("save"):
+            save_image(output_path, rgb, alpha=alpha, metadata=restored.metadata, icc_profile=loaded.icc_profile)
         return restored
 
     def metadata(self, result: RestoreResult, source: Path | None) -> dict[str, Any]:
@@ -333,13 +338,23 @@ class Restorer:
             "runtime": self.description,
         }
 
+    def _progress_for_call(self) -> Progress | None:
+        """The `Progress` to activate for one call: ``progress`` itself when it is one; a terminal
+        status line when it is True and the caller has not activated its own; else None."""
+        if isinstance(self.progress, Progress):
+            return self.progress
+        if self.progress and active_progress() is None:
+            progress = Progress()
+            return progress if progress.display else None  # nothing to show: no per-step callback
+        return None
+
     def _check_size(self, loaded: LoadedImage, config: RestoreConfig, source: Path | None) -> None:
         from supir_rt.pipeline import processing_sizes
 
         name = source or "image"
         try:
             sizes = processing_sizes(*loaded.size, config.upscale, config.min_size)
-        except ValueError as err:
+        except UserError as err:  # too small for SUPIR: name the image
             raise ImageError(f"{name}: {err}") from None
         pw, ph = sizes.processing
         if self.max_processing_pixels is not None and pw * ph > self.max_processing_pixels:
@@ -423,7 +438,7 @@ def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | to
                   config: ModelConfig | None = None, dtype: str | None = None) -> str:
     """``auto``: the torch backend when there are no exported engines, else the fastest available whose
     artifacts in `engines_dir` are usable here (TensorRT only with valid plans for this GPU)."""
-    from supir_rt.backends import resolve_backend
+    from supir_rt.backends import available_backends, resolve_backend
 
     if backend == "auto" and engines_dir is None:
         return "torch"
@@ -432,7 +447,39 @@ def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | to
     try:
         return resolve_backend(backend, needs_artifacts=engines_dir is not None, artifacts=artifacts)
     except (RuntimeError, ValueError) as err:
-        raise SetupError(str(err)) from None
+        status = available_backends()
+        usable = ", ".join(name for name, reason in status.items() if reason is None)
+        if status.get(backend) is not None:
+            raise SetupError(f"--backend {backend} is not available here ({status[backend]}); "
+                             f"usable here: {usable}") from None
+        if backend != "auto" and backend not in status:
+            raise SetupError(f"--backend {backend}: unknown backend; usable here: {usable}") from None
+        raise SetupError(f"--backend {backend}: {err}") from None
+
+
+def _check_engine_dtype(dtype: str) -> None:
+    from supir_rt.backends.manifest import PRECISIONS
+
+    if dtype not in PRECISIONS:
+        raise SetupError(f"--dtype {dtype}: exported engines are built as {' or '.join(PRECISIONS)}; "
+                         f"pass --dtype {PRECISIONS[0]} or --dtype {PRECISIONS[1]} with an engine backend")
+
+
+def _refuse_foreign_engines(engines_dir: Path, config: ModelConfig) -> None:
+    """`tiny_random` exports into ``engines_dir``, replacing what does not match: refuse a folder that
+    holds engines of another model (e.g. built from the real checkpoints) instead of overwriting them."""
+    import json
+
+    for manifest in sorted(engines_dir.glob("*.json")) if engines_dir.is_dir() else ():
+        try:
+            name = json.loads(manifest.read_text()).get("config_name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name is not None and name != config.name:
+            raise SetupError(
+                f"--engines-dir {engines_dir} holds engines of the {name!r} model ({manifest.name}); "
+                f"--tiny-random would overwrite them: give it another --engines-dir, or drop --tiny-random"
+            )
 
 
 def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str | Path | None,
@@ -446,10 +493,11 @@ def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str |
         raise SetupError(f"engines folder {engines_dir} does not exist; build the engines first or fix --engines-dir")
     from supir_rt.backends.manifest import ArtifactError
 
+    _check_engine_dtype(dtype)
     try:
         return open_engines(backend, config=config, artifact_dir=engines_dir, precision=dtype)
-    except ArtifactError as err:  # missing, stale or foreign artifacts: the message names the rebuild command
-        raise SetupError(str(err)) from None
+    except ArtifactError as err:  # missing, stale or foreign artifacts: the message names the fix
+        raise SetupError(f"--engines-dir {engines_dir}: {err}") from None
 
 
 __all__ = [

@@ -1,8 +1,9 @@
 """The ``supir-rt`` command: ``restore``, ``ui`` (`supir_rt.ui`), and ``caption`` when captioning is present.
 
 A thin layer over `supir_rt.api.Restorer`: parse flags into a `RestoreConfig`, find the weights, plan
-every output before any work, then restore image by image. Bad input gives one ``error: ...`` line
-(exit code 2), never a traceback (``--debug`` shows it).
+every output before any work, then restore image by image. A bad option, input or setup (any
+`supir_rt.errors.UserError`) gives one ``error: ...`` line naming the flag as typed (exit code 2);
+anything else is a bug and shows its traceback. ``--debug`` shows tracebacks for user errors too.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from supir_rt.api import SDXL_FILE, SUPIR_FILES, SetupError
+from supir_rt.errors import SettingError, UserError
 from supir_rt.images import OUTPUT_FORMATS, ImageError, check_output_path, check_writable_folder, is_image_file
-from supir_rt.restore_config import RESTORE_PRESETS, RestoreConfig, normalise_color_fix, restore_preset
+from supir_rt.progress import Progress
+from supir_rt.progress import active as active_progress
+from supir_rt.restore_config import RESTORE_PRESETS, SAMPLERS, RestoreConfig, normalise_color_fix, restore_preset
 
 log = logging.getLogger("supir_rt")
 
@@ -204,16 +208,44 @@ def plan_jobs(inputs: Sequence[Path], output: Path | None, *, ext: str, overwrit
 def _color_fix(value: str) -> str:
     try:
         return normalise_color_fix(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    except SettingError as err:
+        raise argparse.ArgumentTypeError(err.fix) from None
 
 
-def add_restore_parser(subparsers: Any) -> None:
+# RestoreConfig field -> the restore flag that sets it: the one table behind the settings flags, the
+# overrides read from them and the error messages (which name the flag, not the field).
+SETTING_FLAGS: dict[str, str] = {
+    "sampler": "--sampler", "num_steps": "--steps", "cfg_scale": "--cfg", "cfg_scale_start": "--cfg-start",
+    "use_linear_cfg": "--no-linear-cfg", "control_scale": "--control-scale",
+    "control_scale_start": "--control-scale-start", "use_linear_control_scale": "--linear-control-scale",
+    "restore_cfg": "--restore-cfg", "s_churn": "--s-churn", "s_noise": "--s-noise", "seed": "--seed",
+    "upscale": "--upscale", "min_size": "--min-size", "color_fix_type": "--color-fix", "a_prompt": "--prompt",
+    "n_prompt": "--negative-prompt", "quality_first": "--quality-first", "noise_device": "--noise-device",
+    "preset": "--preset",
+}
+
+RESTORE_EXAMPLES = """\
+examples:
+  supir-rt restore photo.jpg -o photo_restored.png        one image (weights from ~/.cache/supir-rt/weights)
+  supir-rt restore scans/ -o restored/ --preset quality   every image of a folder
+  supir-rt restore photo.jpg --seed 7 --steps 50 --cfg 4.0 --restore-cfg 4
+  supir-rt restore photo.jpg --preset lightning --sdxl Juggernaut_RunDiffusionPhoto2_Lightning_4Steps.safetensors
+  supir-rt restore photo.jpg --backend onnxruntime --engines-dir engines/official
+  supir-rt restore photo.jpg --caption "an old photo of a harbour."
+  supir-rt restore photo.jpg --tiny-random                 no weights needed; the output is NOT a restoration
+
+Every option and preset: docs/restore.md. Exit status: 0 ok, 2 bad option/input/setup, 130 interrupted.
+"""
+
+
+def add_restore_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "restore",
         help="restore images with SUPIR",
         description="Restore images with SUPIR (SDXL + SUPIR-v0Q/v0F). Defaults are the official test.py's; "
         "see docs/restore.md for every option and the presets.",
+        epilog=RESTORE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     p.add_argument("-o", "--output", type=Path, default=None,
@@ -223,7 +255,11 @@ def add_restore_parser(subparsers: Any) -> None:
 
     s = p.add_argument_group("restoration settings (official test.py names in brackets)")
     s.add_argument("--preset", choices=list(RESTORE_PRESETS), default="official",
-                   help="starting values: official (test.py, default), paper, quality, fidelity")
+                   help="starting values: official (test.py, default), paper, quality, fidelity, "
+                   "lightning (DPM++ 8 steps, for SDXL Lightning finetunes)")
+    s.add_argument("--sampler", choices=SAMPLERS, dest="sampler",
+                   help="edm (official RestoreEDMSampler, default) or dpmpp2m-sde (few-step DPM++ 2M SDE of the "
+                   "official Lightning config; ignores --restore-cfg, --s-churn, --linear-control-scale)")
     s.add_argument("--steps", type=int, dest="num_steps", help="sampler steps [--edm_steps] (50)")
     s.add_argument("--cfg", type=float, dest="cfg_scale", help="CFG scale reached at low noise [--s_cfg] (4.0)")
     s.add_argument("--cfg-start", type=float, dest="cfg_scale_start", help="CFG scale at high noise [--spt_linear_CFG] (1.0)")
@@ -258,6 +294,7 @@ def add_restore_parser(subparsers: Any) -> None:
 
     add_runtime_options(p)
     p.set_defaults(func=run_restore)
+    return p
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -292,19 +329,14 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
                    help="largest input image in pixels (decompression-bomb guard, default 64 Mpx)")
     r.add_argument("--tiny-random", action="store_true",
                    help="run the tiny configuration with random weights (no download; output is NOT a restoration)")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress, no notes: warnings and errors only")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="print the time spent in each phase (load, caption, encode, sampling, decode, save) at the end")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-SETTING_FLAGS = (
-    "num_steps", "cfg_scale", "cfg_scale_start", "use_linear_cfg", "control_scale", "control_scale_start",
-    "use_linear_control_scale", "restore_cfg", "s_churn", "s_noise", "seed", "upscale", "min_size",
-    "color_fix_type", "a_prompt", "n_prompt", "quality_first", "noise_device",
-)
-
-
 def restore_config_from_args(args: argparse.Namespace) -> RestoreConfig:
-    overrides = {name: getattr(args, name, None) for name in SETTING_FLAGS}
+    overrides = {name: getattr(args, name, None) for name in SETTING_FLAGS if name != "preset"}
     if args.tiny_random:
         for name, value in TINY_DEFAULTS.items():
             if overrides.get(name) is None:
@@ -323,6 +355,13 @@ def make_captioner_from_args(args: argparse.Namespace) -> Any:
             raise SetupError("--captioner text needs --caption TEXT")
         return make_captioner("text", text=args.caption)
     if kind == "llava":
+        from supir_rt.caption.layout import ENV_MODEL_DIR
+
+        if args.llava_dir is None and not os.environ.get(ENV_MODEL_DIR):
+            raise SetupError(
+                f"--captioner llava needs --llava-dir DIR, an exported LLaVA folder (or ${ENV_MODEL_DIR}); export one "
+                "with python export/export_llava.py (see docs/captions.md)"
+            )
         return make_captioner("llava", model_dir=args.llava_dir)
     return make_captioner(kind)
 
@@ -337,7 +376,8 @@ def build_restorer(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any
     dtype = args.dtype or rt.get("dtype") or ("fp16" if str(device).startswith("cuda") else "fp32")
     backend = args.backend or rt.get("backend") or "auto"
     engines_dir = args.engines_dir or rt.get("engines_dir")
-    options: dict[str, Any] = {"progress": not args.quiet, "captioner": make_captioner_from_args(args)}
+    # progress: the command activates its own `Progress` (run_restore), the Restorer adds none
+    options: dict[str, Any] = {"progress": False, "captioner": make_captioner_from_args(args)}
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
     torch_opts = torch_options_from_args(args)
@@ -372,57 +412,51 @@ def torch_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from supir_rt.pipeline import NonFiniteOutputError
-    from supir_rt.weights import CheckpointError
-
-    from supir_rt.backends.torch_backend import DeviceMemoryError
-
-    errors: list[type[BaseException]] = [ImageError, SetupError, CheckpointError, NonFiniteOutputError, ValueError,
-                                         DeviceMemoryError]
-    try:
-        from supir_rt.caption.layout import ModelDirError
-
-        errors.append(ModelDirError)
-    except ImportError:  # pragma: no cover
-        pass
-    errors.append(FileNotFoundError)  # a missing caption sidecar
-    from supir_rt.backends.manifest import ArtifactError
-
-    errors.append(ArtifactError)  # stale/foreign engines, TensorRT refusals (the message names the fix)
-    return tuple(errors)
+    """What a command reports as one ``error:`` line: `UserError` only (bad option, input or setup);
+    anything else is a bug and keeps its traceback."""
+    return (UserError,)
 
 
 def run_restore(args: argparse.Namespace) -> int:
     """The ``restore`` sub-command; returns the exit code (0 ok, 2 bad input or setup)."""
-    errors = _user_errors()
+    progress = Progress(display=False if args.quiet else None)
+    if progress.display or args.verbose:
+        with progress:  # the pipeline's phases report to it (per-step timing: a StepInfo per step)
+            code = _restore_all(args, progress)
+    else:  # nobody looks: no per-step callback at all in the sampler loop
+        code = _restore_all(args, progress)
+    if getattr(args, "verbose", False) and progress.totals:
+        print(progress.summary_line(), file=sys.stderr)
+    return code
+
+
+def _restore_all(args: argparse.Namespace, progress: Progress) -> int:
     try:
         config = restore_config_from_args(args)
         jobs = plan_jobs(args.inputs, args.output, ext=args.ext, overwrite=args.overwrite)
         file_cfg = read_config_file(args.config)
         if args.tiny_random:
-            print(
+            log.info(
                 "note: --tiny-random runs the tiny configuration with RANDOM weights: the output is NOT a "
                 "restoration, it only shows the whole pipeline running end to end "
-                f"(steps {config.num_steps}, min-size {config.min_size}).",
-                file=sys.stderr,
+                f"(steps {config.num_steps}, min-size {config.min_size})."
             )
-        restorer = build_restorer(args, file_cfg)
-    except errors as err:
+        with progress.phase("load"):
+            restorer = build_restorer(args, file_cfg)
+    except UserError as err:
         if args.debug:
             raise
         _error(err)
         return 2
     failed = 0
     try:
-        from tqdm import tqdm
-
-        bar = tqdm(jobs, desc="images", unit="image", disable=True if args.quiet or len(jobs) == 1 else None)
-        for job in bar:
+        for index, job in enumerate(jobs):
             job.output.parent.mkdir(parents=True, exist_ok=True)
             try:
-                restored = restorer.restore_file(job.source, job.output, config, caption=args.caption,
-                                                 overwrite=args.overwrite)
-            except errors as err:
+                with progress.image(index, len(jobs)):
+                    restored = restorer.restore_file(job.source, job.output, config, caption=args.caption,
+                                                     overwrite=args.overwrite)
+            except UserError as err:
                 if args.debug:
                     raise
                 _error(err)
@@ -430,6 +464,7 @@ def run_restore(args: argparse.Namespace) -> int:
                 continue
             log.info("%s -> %s (seed %d)", job.source, job.output, restored.result.seed)
     except KeyboardInterrupt:
+        progress.clear()
         print("interrupted; finished outputs are complete, nothing was written half", file=sys.stderr)
         return 130
     finally:
@@ -442,7 +477,12 @@ def run_restore(args: argparse.Namespace) -> int:
 
 
 def _error(err: BaseException) -> None:
-    print(f"error: {err}", file=sys.stderr)
+    """One ``error:`` line; a bad setting names the flag (``--steps 0``), not the field."""
+    progress = active_progress()
+    if progress is not None:
+        progress.clear()
+    message = err.for_flags(SETTING_FLAGS) if isinstance(err, SettingError) else str(err)
+    print(f"error: {message}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,10 +496,25 @@ class _LowerLevelFormatter(logging.Formatter):
         return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
 
 
+class _ProgressAwareHandler(logging.StreamHandler):
+    """Erases the progress status line before a log line, so that the two do not mix."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        progress = active_progress()
+        if progress is not None:
+            progress.clear()
+        super().emit(record)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from supir_rt import __version__
 
-    parser = argparse.ArgumentParser(prog="supir-rt", description="SUPIR image restoration runtime")
+    parser = argparse.ArgumentParser(
+        prog="supir-rt", description="SUPIR image restoration runtime",
+        epilog="examples:\n  supir-rt restore photo.jpg -o restored.png\n  supir-rt restore --help      every restore "
+        "option, with examples\n  supir-rt caption photo.jpg --model-dir llava-13b-onnx",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"supir-rt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_restore_parser(sub)
@@ -477,11 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo after the sub-command: show that sub-command's usage, not the top-level one
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        (commands.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ProgressAwareHandler(sys.stderr)
     handler.setFormatter(_LowerLevelFormatter("%(message)s"))
     root = logging.getLogger("supir_rt")
     saved = root.handlers[:], root.level, root.propagate

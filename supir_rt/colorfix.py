@@ -1,4 +1,4 @@
-"""Colour correction of the decoded sample against the stage-1 image (reference doc §4.4 step 10, §4.6).
+"""Colour correction of the decoded sample against the stage-1 image.
 
 Reproduces SUPIR `SUPIR/utils/colorfix.py` (itself adapted from sd-webui-stablesr):
 

@@ -3,7 +3,7 @@
 Ports the structure of ``options/SUPIR_v0.yaml`` (Fanghua-Yu/SUPIR @ bda91af) as typed data:
 ``network_config`` (LightGLVUNet), ``control_stage_config`` (GLVControl), ``first_stage_config``
 (AutoencoderKL + scale factor) and ``conditioner_config`` (the two CLIP text encoders and the size
-embedders). Two presets: ``ModelConfig.official()`` and ``ModelConfig.tiny()`` (reference doc §12).
+embedders). Two presets: ``ModelConfig.official()`` and ``ModelConfig.tiny()``.
 Variants are made with ``dataclasses.replace``; nothing is mutated after construction.
 """
 
@@ -204,7 +204,7 @@ class ModelConfig:
 
     @classmethod
     def tiny(cls) -> ModelConfig:
-        """Reduced width for tests and smoke runs (reference doc §12); same structure, random weights."""
+        """Reduced width for tests and smoke runs; same structure, random weights."""
         depth = (1, 2, 3)
         clip = CLIPTextConfig(width=32, layers=2, heads=2)
         bigg = CLIPTextConfig(width=32, layers=2, heads=2, activation="gelu", projection_dim=64)

@@ -1,4 +1,4 @@
-"""The denoiser stack: ε-preconditioning around a network, then classifier-free guidance (doc §1.6, §5.3).
+"""The denoiser stack: ε-preconditioning around a network, then classifier-free guidance.
 
 Three layers, each a callable, composed as::
 

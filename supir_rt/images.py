@@ -4,7 +4,7 @@ Reading (`load_image`):
 * one clear `ImageError` for a missing, unreadable, truncated or non-image file, and for an image above
   the decompression-bomb limit (`max_pixels`, raise it when the file is trusted);
 * EXIF orientation applied; palette, grayscale (8- and 16-bit), CMYK, YCbCr, LAB, ... converted to RGB;
-  16-bit channels scaled to 8 bits (the official code quantises to uint8 anyway, §4.2 step 5);
+  16-bit channels scaled to 8 bits (the official code quantises to uint8 anyway);
 * alpha kept: returned separately so that RGB is restored and alpha resized and reattached.
   (Official `test.py` drops alpha without compositing; this is a documented difference.)
 
@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
+
+from supir_rt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ INPUT_EXTENSIONS = frozenset({
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An input image cannot be used, or an output cannot be written; the message names file and fix."""
 
 

@@ -1,4 +1,4 @@
-"""The single source of randomness of a restore run (reference doc §5.4, §10.11).
+"""The single source of randomness of a restore run.
 
 The official `SUPIRModel.batchify_sample` calls ``seed_everything(seed)`` and then draws, in order:
 

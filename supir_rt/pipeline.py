@@ -1,7 +1,7 @@
 """The SUPIR restoration pipeline: stage functions named after the algorithm, and a `Pipeline` that
-only composes them (STYLE G11). Reproduces `test.py` + `SUPIRModel.batchify_sample` (reference doc §4).
+only composes them. Reproduces `test.py` + `SUPIRModel.batchify_sample`.
 
-Stages, in order (§4.2-§4.6):
+Stages, in order:
 
 1. `preprocess`        PIL RGB -> (1, 3, H, W) in [-1, 1] at the processing size (upscale, min_size,
                        sides snapped to multiples of 64 with round-half-even, PIL bicubic);
@@ -10,17 +10,19 @@ Stages, in order (§4.2-§4.6):
 3. `encode_x_center`   standard encoder on the stage-1 image, posterior *sample* × 0.13025 (restoration
                        guidance's x_center). Its noise is always drawn; the encoder is skipped when the
                        result is unused (τ_r ≤ 0), which leaves the random stream unchanged;
-4. `caption_image` /   the stage-1 image at short side 512 for an image captioner (§4.3), only when the
+4. `caption_image` /   the stage-1 image at short side 512 for an image captioner, only when the
    `prompt_for`        captioner needs pixels; caption + quality prompt joined as the official code does;
-5. `encode_prompt`,    text encoders once per distinct prompt, fixed 1024/0/1024 size conditioning (§4.5);
+5. `encode_prompt`,    text encoders once per distinct prompt, fixed 1024/0/1024 size conditioning;
    `prepare_condition`
-6. `sample`            restoration-guided EDM sampling over the `unet_adaptor` engine (§5);
+6. `sample`            restoration-guided EDM sampling over the `unet_adaptor` engine (or, with
+                       ``sampler="dpmpp2m-sde"``, the few-step DPM++ 2M SDE of the Lightning config);
 7. `decode`            VAE decoder, with a check for non-finite values (fp16 overflow);
-8. `color_fix`         Wavelet / AdaIN / none against the stage-1 image (§4.6);
-9. `postprocess`       torch bicubic back to upscale × input size, truncating uint8 conversion (§4.2).
+8. `color_fix`         Wavelet / AdaIN / none against the stage-1 image;
+9. `postprocess`       torch bicubic back to upscale × input size, truncating uint8 conversion.
 
 All networks are reached through `Engine.infer` only (`supir_rt.backends`); nothing here knows which
-backend runs them. All randomness comes from one `NoiseSource` (§5.4).
+backend runs them. All randomness comes from one `NoiseSource`. Each stage reports its phase
+(``caption``, ``encode``, ``sampling`` with steps, ``decode``) through `supir_rt.progress.phase`.
 """
 
 from __future__ import annotations
@@ -39,31 +41,36 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from supir_rt.backends import Engine
-from supir_rt.caption import check_truncation, join_prompt
+from supir_rt.backends import NETWORKS, Engine
+from supir_rt.caption import NoCaptioner, SidecarCaptioner, TextCaptioner, check_truncation, join_prompt
 from supir_rt.colorfix import color_fix
-from supir_rt.config import ModelConfig
+from supir_rt.config import ModelConfig, VAEConfig
 from supir_rt.denoiser import ControlScale, EpsDenoiser, GuidedDenoiser, LinearCFG, Network
+from supir_rt.errors import SettingError, UserError
 from supir_rt.model.text import size_vector
 from supir_rt.model.vae import DiagonalGaussian
 from supir_rt.noise import NoiseSource
+from supir_rt.progress import active as active_progress
+from supir_rt.progress import phase
 from supir_rt.restore_config import RestoreConfig
-from supir_rt.sampler import StepInfo, initial_latent, sample_restore_edm
-from supir_rt.schedule import legacy_ddpm_sigmas, restore_sigmas
+from supir_rt.sampler import StepInfo, initial_latent, sample_dpmpp_2m_sde, sample_restore_edm
+from supir_rt.schedule import dpmpp_sigmas, legacy_ddpm_sigmas, restore_sigmas
 
 log = logging.getLogger(__name__)
 
 SNAP = 64  # test.py snaps processing sides to multiples of 64 px (8 latent px)
-CAPTION_SHORT_SIDE = 512  # §4.3: LLaVA sees the stage-1 image at short side 512
-SIZE_CONDITIONING = ((1024, 1024), (0, 0), (1024, 1024))  # original, crop, target (§4.5)
+CAPTION_SHORT_SIDE = 512  # LLaVA sees the stage-1 image at short side 512
+SIZE_CONDITIONING = ((1024, 1024), (0, 0), (1024, 1024))  # original, crop, target
+_OFFICIAL_DOWNSAMPLE = VAEConfig().downsample_factor  # 8: image px per latent px of the SDXL VAE
 
 
-class NonFiniteOutputError(RuntimeError):
-    """The decoded image has NaN/Inf values (typically fp16 overflow); nothing is saved."""
+class NonFiniteOutputError(UserError, RuntimeError):
+    """The decoded image has NaN/Inf values (typically fp16 overflow); nothing is saved. A `UserError`:
+    the message says which precision to choose instead."""
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. sizes and preprocessing (§4.2)
+# 1. sizes and preprocessing
 # --------------------------------------------------------------------------------------------------
 
 
@@ -88,7 +95,7 @@ def snap(value: float, unit: int = SNAP) -> int:
 def processing_sizes(
     width: int, height: int, upscale: float = 1.0, min_size: int = 1024, *, fix_resize: int | None = None
 ) -> Sizes:
-    """`PIL2Tensor`'s size arithmetic (§4.2): upscale, record the output size, scale the short side up
+    """`PIL2Tensor`'s size arithmetic: upscale, record the output size, scale the short side up
     to ``min_size``, optionally force the short side to ``fix_resize`` (and output at that size), snap."""
     w, h = width * upscale, height * upscale
     w0, h0 = round(w), round(h)
@@ -101,7 +108,7 @@ def processing_sizes(
         w0, h0 = round(w), round(h)
     pw, ph = snap(w), snap(h)
     if pw < SNAP or ph < SNAP or w0 < 1 or h0 < 1:
-        raise ValueError(
+        raise UserError(
             f"a {width}x{height} image at upscale {upscale} and min_size {min_size} would be processed at "
             f"{pw}x{ph} px; SUPIR needs at least {SNAP} px per side: raise --min-size or --upscale"
         )
@@ -136,10 +143,10 @@ def postprocess(image: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 def _infer(engine: Engine, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Feed on the engine's device (floats as float32, the contract's dtype)."""
-    moved = {k: (v.to(engine.device, torch.float32) if v.is_floating_point() else v.to(engine.device))
-             for k, v in feed.items()}
-    return engine.infer(moved)
+    """``engine.infer(feed)``. The feed holds the spec's dtypes (float32 / int64); moving it to the
+    engine's device and into the backend's precision is the engine's one conversion
+    (`EngineBase.conform_inputs`), so nothing is converted here."""
+    return engine.infer(feed)
 
 
 def engine_network(engine: Engine) -> Network:
@@ -159,7 +166,7 @@ def engine_network(engine: Engine) -> Network:
         with _validation_skipped(engine) if checked else contextlib.nullcontext():
             out = _infer(engine, **feed)
         checked = True
-        return out["eps"].to(x_in.device)
+        return out["eps"].to(x_in.device)  # no-op (no copy) when the engine is on the latent's device
 
     return network
 
@@ -178,7 +185,7 @@ def _validation_skipped(engine: Engine):
 
 
 # --------------------------------------------------------------------------------------------------
-# 2-3. stage 1 and x_center (§4.3, §4.4 steps 4-6)
+# 2-3. stage 1 and x_center
 # --------------------------------------------------------------------------------------------------
 
 
@@ -197,15 +204,17 @@ def stage1(engines: Mapping[str, Engine], lq: torch.Tensor) -> Stage1:
 
 def encode_x_center(
     engines: Mapping[str, Engine], stage1_image: torch.Tensor, noise: NoiseSource, scale_factor: float,
-    *, needed: bool = True,
+    *, needed: bool = True, downsample_factor: int | None = None,
 ) -> torch.Tensor | None:
     """`encode_first_stage(x_stage1)`: posterior sample of the standard encoder × scale_factor.
 
     The posterior noise is drawn first (CPU generator, latent shape) in every case; when ``needed`` is
     False the encoder pass is skipped and None returned, leaving later draws unchanged.
+    ``downsample_factor``: the VAE's (`VAEConfig.downsample_factor`; default the official VAE's, 8).
     """
+    f = _OFFICIAL_DOWNSAMPLE if downsample_factor is None else downsample_factor
     b, _, height, width = stage1_image.shape
-    shape = (b, engines["vae_encoder"].spec.output("moments").shape[1] // 2, height // 8, width // 8)
+    shape = (b, engines["vae_encoder"].spec.output("moments").shape[1] // 2, height // f, width // f)
     if not needed:
         noise.skip_posterior(shape)
         return None
@@ -218,7 +227,7 @@ def encode_x_center(
 
 
 def caption_image(engines: Mapping[str, Engine], image: Image.Image, upscale: float, min_size: int) -> Image.Image:
-    """§4.3: the stage-1 image at short side 512 that the official code gives LLaVA (a separate
+    """the stage-1 image at short side 512 that the official code gives LLaVA (a separate
     DR-encoder + decoder pass at that resolution, then `Tensor2PIL` to the rounded 512-short-side size)."""
     sizes = processing_sizes(*image.size, upscale, min_size, fix_resize=CAPTION_SHORT_SIDE)
     first = stage1(engines, preprocess(image, sizes))
@@ -226,7 +235,7 @@ def caption_image(engines: Mapping[str, Engine], image: Image.Image, upscale: fl
 
 
 # --------------------------------------------------------------------------------------------------
-# 4-5. prompt and conditioning (§4.5)
+# 4-5. prompt and conditioning
 # --------------------------------------------------------------------------------------------------
 
 
@@ -238,8 +247,9 @@ def encode_prompt(
     ids_l = tokenizer([prompt], pad_token=cc.clip_l_pad_token, context_length=cc.clip_l.context_length)
     ids_g = tokenizer([prompt], pad_token=cc.bigg_pad_token, context_length=cc.bigg.context_length)
     out = _infer(engines["text_encoders"], clip_l_ids=ids_l, bigg_ids=ids_g)
-    crossattn = out["crossattn"].to(device, torch.float32).clone()
-    pooled = out["pooled"].to(device, torch.float32).clone()
+    # outputs are the spec's float32 and belong to the engine: one copy each, onto the pipeline's device
+    crossattn = out["crossattn"].to(device, copy=True)
+    pooled = out["pooled"].to(device, copy=True)
     original, crop, target = SIZE_CONDITIONING
     vector = size_vector(pooled, cc.size_embed_dim, original, crop, target)
     return {"crossattn": crossattn, "vector": vector}
@@ -255,7 +265,7 @@ def prepare_condition(
 
 
 # --------------------------------------------------------------------------------------------------
-# 6-8. sampling, decoding, colour fix (§4.4 steps 8-10, §5)
+# 6-8. sampling, decoding, colour fix
 # --------------------------------------------------------------------------------------------------
 
 
@@ -269,20 +279,52 @@ def sample(
     model_config: ModelConfig,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> torch.Tensor:
-    """Initial noise (one draw), then `sample_restore_edm` with linear CFG and the control-scale schedule."""
+    """Initial noise (one draw), then the sampler ``config.sampler`` names.
+
+    ``edm``: `sample_restore_edm` over the restore σ schedule, with linear CFG, the control-scale
+    schedule, restoration guidance and churn. ``dpmpp2m-sde``: `sample_dpmpp_2m_sde` over the Karras
+    schedule (`dpmpp_sigmas`), with linear CFG and a constant control scale; as in the official
+    `RestoreDPMPP2MSampler`, ``x_center``, ``restore_cfg``, ``s_churn`` and the linear control scale are
+    not used (`ignored_settings` names the ones a config sets to no effect).
+    """
     control_latent = cond["control"]
     table = legacy_ddpm_sigmas(model_config.denoiser_config).to(control_latent.device)
-    sigmas = restore_sigmas(config.num_steps, table)
     cfg = (LinearCFG(scale=config.cfg_scale_start, scale_min=config.cfg_scale) if config.use_linear_cfg
            else LinearCFG.constant(config.cfg_scale))
+    network = EpsDenoiser(engine_network(engines["unet_adaptor"]), table)
+    if config.sampler == "dpmpp2m-sde":
+        sigmas = dpmpp_sigmas(config.num_steps, table)
+        denoiser = GuidedDenoiser(network, cond, uncond, cfg, ControlScale(config.control_scale))
+        x = initial_latent(noise.randn_like(control_latent), sigmas)
+        return sample_dpmpp_2m_sde(denoiser, x, sigmas, s_noise=config.s_noise, noise=noise.randn_like,
+                                   callback=callback)
+    sigmas = restore_sigmas(config.num_steps, table)
     control = ControlScale(config.control_scale, config.use_linear_control_scale, config.control_scale_start)
-    denoiser = GuidedDenoiser(EpsDenoiser(engine_network(engines["unet_adaptor"]), table), cond, uncond, cfg, control)
+    denoiser = GuidedDenoiser(network, cond, uncond, cfg, control)
     x = initial_latent(noise.randn_like(control_latent), sigmas)
     return sample_restore_edm(
         denoiser, x, sigmas, x_center=x_center, restore_cfg=config.restore_cfg,
         restore_cfg_s_tmin=config.restore_cfg_s_tmin, s_churn=config.s_churn, s_noise=config.s_noise,
         noise=noise.randn_like, callback=callback,
     )
+
+
+def ignored_settings(config: RestoreConfig) -> list[str]:
+    """Fields ``config`` sets that its sampler does not use (the DPM++ sampler ignores restoration
+    guidance, churn and the linear control scale), for a warning."""
+    if config.sampler != "dpmpp2m-sde":
+        return []
+    ignored = []
+    if config.restore_cfg > 0:
+        ignored.append("restore_cfg")
+    if config.use_linear_control_scale:
+        ignored.append("use_linear_control_scale")
+    return ignored
+
+
+def needs_x_center(config: RestoreConfig) -> bool:
+    """Whether the sampler reads ``x_center``: restoration guidance on, with the EDM sampler."""
+    return config.sampler == "edm" and config.restore_cfg > 0
 
 
 def decode(engines: Mapping[str, Engine], latent: torch.Tensor) -> torch.Tensor:
@@ -324,9 +366,9 @@ def noise_source(seed: int, device: str) -> NoiseSource:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"noise_device {device!r} is not a device name; use cpu or cuda") from None
+        raise SettingError("noise_device", device, "not a device name; use cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"noise_device {device!r}: this machine has no CUDA GPU; use --noise-device cpu")
+        raise SettingError("noise_device", device, "this machine has no CUDA GPU; use cpu")
     return NoiseSource(seed, device=dev)
 
 
@@ -342,8 +384,7 @@ class Pipeline:
         self, engines: Mapping[str, Engine], model_config: ModelConfig, *, tokenizer: Any = None,
         skip_unused_work: bool = True, prompt_cache_size: int = 16,
     ) -> None:
-        missing = [n for n in ("dr_encoder", "vae_encoder", "unet_adaptor", "vae_decoder", "text_encoders")
-                   if n not in engines]
+        missing = [n for n in NETWORKS if n not in engines]
         if missing:
             raise ValueError(f"engine dict lacks {missing}; open all five networks with supir_rt.backends.open_engines")
         if tokenizer is None:
@@ -391,27 +432,53 @@ class Pipeline:
     ) -> RestoreResult:
         """Restore one RGB image; returns the uint8 result at upscale × input size."""
         sizes = processing_sizes(*image.size, config.upscale, config.min_size)
-        if caption is None:
-            caption = self.caption(image, config, captioner, source)
+        if caption is None and captioner is not None:
+            with phase("caption"):
+                caption = self.caption(image, config, captioner, source)
+        caption = "" if caption is None else caption
         prompt = join_prompt(caption, config.a_prompt, quality_first=config.quality_first)
         warning = check_truncation(prompt, self.tokenizer, quality_prompt=config.a_prompt or None)
         if warning:
             log.warning("%s", warning)
+        ignored = ignored_settings(config)
+        if ignored:
+            log.warning("the %s sampler does not use %s (as in the official code): no effect",
+                        config.sampler, ", ".join(ignored))
         seed = resolve_seed(config.seed)
         noise = noise_source(seed, config.noise_device)
-        lq = preprocess(image, sizes).to(self.device)
-        first = stage1(self.engines, lq)
-        x_center = encode_x_center(
-            self.engines, first.image, noise, self.model_config.first_stage_config.scale_factor,
-            needed=config.restore_cfg > 0 or not self.skip_unused_work,
-        )
-        cond, uncond = prepare_condition(self.embed(prompt), self.embed(config.n_prompt), first.control_latent)
-        latent = sample(self.engines, cond, uncond, x_center, noise, config, self.model_config, callback)
-        restored = color_fix(decode(self.engines, latent), first.image, config.color_fix_type)
+        with phase("encode"):
+            lq = preprocess(image, sizes).to(self.device)
+            first = stage1(self.engines, lq)
+            x_center = encode_x_center(
+                self.engines, first.image, noise, self.model_config.first_stage_config.scale_factor,
+                needed=needs_x_center(config) or not self.skip_unused_work,
+                downsample_factor=self.model_config.first_stage_config.downsample_factor,
+            )
+            cond, uncond = prepare_condition(self.embed(prompt), self.embed(config.n_prompt), first.control_latent)
+        with phase("sampling", total=config.num_steps, unit="step") as steps:
+            latent = sample(self.engines, cond, uncond, x_center, noise, config, self.model_config,
+                            _counting(steps, callback))
+        with phase("decode"):
+            restored = color_fix(decode(self.engines, latent), first.image, config.color_fix_type)
+            image_out = postprocess(restored, sizes.output)
         return RestoreResult(
-            image=postprocess(restored, sizes.output), sizes=sizes, seed=seed, caption=caption, prompt=prompt,
+            image=image_out, sizes=sizes, seed=seed, caption=caption, prompt=prompt,
             negative_prompt=config.n_prompt, config=config,
         )
+
+
+def _counting(steps: Any, callback: Callable[[StepInfo], None] | None) -> Callable[[StepInfo], None] | None:
+    """The sampler callback: ``callback`` plus one ``steps.advance()`` per step when a `Progress` is
+    active. Without either, None, so that the sampler builds no per-step `StepInfo` at all."""
+    if active_progress() is None:
+        return callback
+
+    def on_step(info: StepInfo) -> None:
+        steps.advance()
+        if callback is not None:
+            callback(info)
+
+    return on_step
 
 
 def captioner_needs_image(captioner: Any) -> bool:
@@ -419,16 +486,12 @@ def captioner_needs_image(captioner: Any) -> bool:
     explicit = getattr(captioner, "needs_image", None)
     if explicit is not None:
         return bool(explicit)
-    try:
-        from supir_rt.caption import NoCaptioner, SidecarCaptioner, TextCaptioner
-    except ImportError:  # pragma: no cover
-        return True
     return not isinstance(captioner, (NoCaptioner, SidecarCaptioner, TextCaptioner))
 
 
 __all__ = [
     "CAPTION_SHORT_SIDE", "NonFiniteOutputError", "Pipeline", "RestoreResult", "SIZE_CONDITIONING", "Sizes",
     "Stage1", "caption_image", "captioner_needs_image", "decode", "encode_prompt", "encode_x_center",
-    "engine_network", "noise_source", "postprocess", "prepare_condition", "preprocess", "processing_sizes",
+    "engine_network", "ignored_settings", "needs_x_center", "noise_source", "postprocess", "prepare_condition", "preprocess", "processing_sizes",
     "resolve_seed", "sample", "snap", "stage1",
 ]

@@ -1,7 +1,7 @@
-"""Restore settings: one frozen dataclass with SUPIR's knobs, and the named presets (STYLE G8).
+"""Restore settings: one frozen dataclass with SUPIR's knobs, and the named presets.
 
-Field names follow `SUPIRModel.batchify_sample` and `test.py` (reference doc §4.1, §4.4); the official
-`test.py` flag each one comes from is given next to it. The default instance is the official `test.py`
+Field names follow the official `SUPIRModel.batchify_sample` and `test.py`; the official `test.py` flag
+each one comes from is given next to it. The default instance is the official `test.py`
 configuration (current HEAD, 2025-05-12). Presets are data: a dict name -> `RestoreConfig`, resolved by
 `restore_preset(name)`; variants are made with `dataclasses.replace` (or `RestoreConfig.with_overrides`).
 """
@@ -13,18 +13,23 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from supir_rt.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_POSITIVE_PROMPT
+from supir_rt.errors import SettingError
 
 ColorFix = Literal["wavelet", "adain", "none"]
 COLOR_FIXES: tuple[str, ...] = ("wavelet", "adain", "none")
-# `test.py --color_fix_type` spellings accepted on input.
-_OFFICIAL_COLOR_FIX = {"wavelet": "wavelet", "adain": "adain", "none": "none"}
+Sampler = Literal["edm", "dpmpp2m-sde"]
+SAMPLERS: tuple[str, ...] = ("edm", "dpmpp2m-sde")
+"""``edm``: the official `RestoreEDMSampler` (restoration guidance, churn, linear control scale).
+``dpmpp2m-sde``: the official `RestoreDPMPP2MSampler` of the Lightning configuration (DPM++ 2M SDE,
+η = 1, Karras σ schedule), for few-step SDXL Lightning finetunes; like the official one it ignores
+``restore_cfg``, ``s_churn`` and the linear control scale."""
 
 
 @dataclass(frozen=True)
 class RestoreConfig:
     """Everything that decides one restoration, besides the weights and the image.
 
-    The defaults are `test.py`'s (§4.1): linear CFG from 1.0 at high noise to 4.0, restoration guidance
+    The defaults are `test.py`'s: linear CFG from 1.0 at high noise to 4.0, restoration guidance
     off, churn 5, s_noise 1.01, Wavelet colour fix, seed 1234.
     """
 
@@ -47,20 +52,25 @@ class RestoreConfig:
     n_prompt: str = DEFAULT_NEGATIVE_PROMPT  # --n_prompt
     quality_first: bool = False  # not official: put the quality prompt before the caption
     noise_device: str = "cpu"  # where the initial and churn noise are drawn; "cuda" = the official GPU stream
+    sampler: Sampler = "edm"  # the sampler class of the official options YAML (edm = SUPIR_v0.yaml's)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_steps, int) or not 1 <= self.num_steps <= 1000:
-            raise ValueError(f"num_steps={self.num_steps!r}: use an integer number of steps in 1..1000")
+            raise SettingError("num_steps", self.num_steps, "use an integer number of steps in 1..1000")
         if self.color_fix_type not in COLOR_FIXES:
-            raise ValueError(f"color_fix_type={self.color_fix_type!r}: choose one of {', '.join(COLOR_FIXES)}")
+            raise SettingError("color_fix_type", self.color_fix_type, f"choose one of {', '.join(COLOR_FIXES)}")
         if not self.upscale > 0:
-            raise ValueError(f"upscale={self.upscale!r}: must be > 0 (1 keeps the input size)")
+            raise SettingError("upscale", self.upscale, "must be > 0 (1 keeps the input size)")
         if not isinstance(self.min_size, int) or self.min_size < 0:
-            raise ValueError(f"min_size={self.min_size!r}: must be a non-negative integer number of pixels")
-        if self.s_churn < 0 or self.s_noise < 0:
-            raise ValueError(f"s_churn={self.s_churn}, s_noise={self.s_noise}: both must be >= 0")
+            raise SettingError("min_size", self.min_size, "must be a non-negative integer number of pixels")
+        if self.s_churn < 0:
+            raise SettingError("s_churn", self.s_churn, "must be >= 0")
+        if self.s_noise < 0:
+            raise SettingError("s_noise", self.s_noise, "must be >= 0")
         if not isinstance(self.seed, int) or self.seed < -1 or self.seed >= 2**63:
-            raise ValueError(f"seed={self.seed!r}: use a non-negative integer, or -1 for a random seed")
+            raise SettingError("seed", self.seed, "use a non-negative integer, or -1 for a random seed")
+        if self.sampler not in SAMPLERS:
+            raise SettingError("sampler", self.sampler, f"choose one of {', '.join(SAMPLERS)}")
 
     def with_overrides(self, **overrides: Any) -> RestoreConfig:
         """A copy with the given fields changed; None values are ignored (handy for CLI flags)."""
@@ -77,9 +87,9 @@ class RestoreConfig:
 def normalise_color_fix(name: str) -> str:
     """'Wavelet' / 'AdaIn' / 'None' (test.py spellings) or lower case -> 'wavelet' / 'adain' / 'none'."""
     key = str(name).lower()
-    if key not in _OFFICIAL_COLOR_FIX:
-        raise ValueError(f"colour fix {name!r}: choose one of Wavelet, AdaIn, None")
-    return _OFFICIAL_COLOR_FIX[key]
+    if key not in COLOR_FIXES:
+        raise SettingError("color_fix_type", name, "choose one of wavelet, adain, none (or Wavelet, AdaIn, None)")
+    return key
 
 
 OFFICIAL = RestoreConfig()
@@ -87,12 +97,16 @@ OFFICIAL = RestoreConfig()
 RESTORE_PRESETS: dict[str, RestoreConfig] = {
     # test.py defaults (current HEAD): the default.
     "official": OFFICIAL,
-    # The paper's setting (§4 of the SUPIR paper, Algorithm 1): T = 100, constant CFG 7.5, τ_r = 4.
+    # The paper's setting: T = 100, constant CFG 7.5, τ_r = 4.
     "paper": dataclasses.replace(OFFICIAL, num_steps=100, cfg_scale=7.5, use_linear_cfg=False, restore_cfg=4.0),
     # README advice (2025-05-12) for quality: s_cfg 6, spt_linear_CFG 3, s_noise 1.02, s_stage2 0.93.
     "quality": dataclasses.replace(OFFICIAL, cfg_scale=6.0, cfg_scale_start=3.0, s_noise=1.02, control_scale=0.93),
     # README advice for fidelity: s_cfg 4, spt_linear_CFG 1, s_noise 1.01, s_stage2 1.0 (= test.py defaults).
     "fidelity": dataclasses.replace(OFFICIAL, cfg_scale=4.0, cfg_scale_start=1.0, s_noise=1.01, control_scale=1.0),
+    # The official Lightning configuration (options/SUPIR_v0_Juggernautv9_lightning.yaml), for SDXL Lightning
+    # finetunes such as Juggernaut RunDiffusionPhoto2 Lightning 4Steps: RestoreDPMPP2MSampler and its
+    # default_setting (edm_steps 8, s_cfg_Quality 2.0, spt_linear_CFG_Quality 2.0); everything else as test.py.
+    "lightning": dataclasses.replace(OFFICIAL, sampler="dpmpp2m-sde", num_steps=8, cfg_scale=2.0, cfg_scale_start=2.0),
 }
 
 
@@ -101,10 +115,10 @@ def restore_preset(name: str) -> RestoreConfig:
     try:
         return RESTORE_PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(RESTORE_PRESETS)}") from None
+        raise SettingError("preset", name, f"unknown preset; choose one of {', '.join(RESTORE_PRESETS)}") from None
 
 
 __all__ = [
-    "COLOR_FIXES", "ColorFix", "OFFICIAL", "RESTORE_PRESETS", "RestoreConfig", "normalise_color_fix",
-    "restore_preset",
+    "COLOR_FIXES", "ColorFix", "OFFICIAL", "RESTORE_PRESETS", "RestoreConfig", "SAMPLERS", "Sampler",
+    "normalise_color_fix", "restore_preset",
 ]

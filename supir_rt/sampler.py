@@ -1,4 +1,4 @@
-"""SUPIR's samplers as pure functions over a `Denoiser` (reference doc §5, paper Algorithm 1).
+"""SUPIR's samplers as pure functions over a `Denoiser`.
 
 * `sample_restore_edm`: sgm/SUPIR `RestoreEDMSampler`, i.e. EDM Euler sampling with churn (Karras et
   al. 2022, Alg. 2 without the Heun correction) plus SUPIR's restoration guidance (paper Algorithm 1).
@@ -103,7 +103,7 @@ def sample_restore_edm(
     restore_sigma_max: float = OFFICIAL_SIGMA_MAX,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> torch.Tensor:
-    """Restoration-guided EDM sampling, SUPIR `RestoreEDMSampler` (doc §5.2; paper Algorithm 1).
+    """Restoration-guided EDM sampling, SUPIR `RestoreEDMSampler`.
 
     ``x`` is the initial latent already scaled by `initial_latent`; ``sigmas`` holds N+1 descending values
     ending in 0 (`restore_sigmas`). For k = 0..N−1:
@@ -154,7 +154,7 @@ def sample_dpmpp_2m_sde(
     eta: float = 1.0,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> torch.Tensor:
-    """DPM++ 2M SDE (Lu et al. 2022), as SUPIR `RestoreDPMPP2MSampler` uses it (doc §5.6).
+    """DPM++ 2M SDE (Lu et al. 2022), as SUPIR `RestoreDPMPP2MSampler` uses it.
 
     ``sigmas`` is the Karras schedule of `dpmpp_sigmas`; ``x`` is scaled by `initial_latent`. Like the
     official sampler this ignores ``x_center``, restoration guidance and churn; build the denoiser with a

@@ -1,6 +1,6 @@
 """σ schedules for SUPIR sampling: the legacy DDPM discretisation and the step schedules built on it.
 
-Reproduces, from the facts in the reference doc (§1.6, §5.1, §5.6):
+Reproduces, from documented facts about the official code:
 
 * sgm `LegacyDDPMDiscretization` (``linear_start 0.00085``, ``linear_end 0.012``, 1000 steps): the
   1000 discrete σ the denoiser snaps to (`DiscreteDenoiser.sigmas`, ascending, index = DDPM timestep);
@@ -89,7 +89,7 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 
 
 def dpmpp_sigmas(n: int, table: torch.Tensor | None = None, rho: float = 7.0) -> torch.Tensor:
-    """σ schedule of the official `RestoreDPMPP2MSampler` (§5.6): Karras ρ=7 between the legacy σ at
+    """σ schedule of the official `RestoreDPMPP2MSampler`: Karras ρ=7 between the legacy σ at
     the last and the first timestep of `restore_timesteps(n)`, then 0. Returns n+1 values."""
     table = legacy_ddpm_sigmas() if table is None else table
     legacy = restore_sigmas(n, table)

@@ -24,14 +24,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from supir_rt.errors import UserError
+
 log = logging.getLogger(__name__)
 
-# Keys a real file may carry that the model does not have (reference doc §3.1, §3.2, §10.20).
+# Keys a real file may carry that the model does not have.
 TOLERATED_EXTRA_KEYS = (
     "model.control_model.mask_LQ",  # in SUPIR-v0Q/v0F, read by nothing
     "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",  # older transformers
 )
-# What the SUPIR-v0Q/v0F file carries (reference doc §3.2); everything else comes from the SDXL file.
+# What the SUPIR-v0Q/v0F file carries; everything else comes from the SDXL file.
 SUPIR_KEY_PREFIXES = (
     "model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.",
 )
@@ -41,7 +43,7 @@ SUPIR_MARKER = "model.control_model.input_hint_block.0.weight"
 _SHOW = 8  # offending keys named in an error
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file is missing, unreadable, unsafe, or does not fit the model."""
 
 
@@ -190,7 +192,7 @@ def _copy_from(f: _TensorFile, targets: Mapping[str, torch.Tensor]) -> set[str]:
 
 
 def _check_sigmas(f: _TensorFile) -> None:
-    """A stored `denoiser.sigmas` must be the legacy DDPM table we compute (reference doc §1.6)."""
+    """A stored `denoiser.sigmas` must be the legacy DDPM table we compute."""
     from supir_rt.schedule import legacy_ddpm_sigmas
 
     stored, ours = f.get("denoiser.sigmas").float(), legacy_ddpm_sigmas()

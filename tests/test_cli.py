@@ -153,7 +153,7 @@ def test_bad_inputs_give_one_clear_error(tmp_path, toy_cli, capsys, case):
         "missing_input": ([tmp_path / "nope.png"], "no such file"),
         "empty_folder": ([tmp_path / "empty"], "contains no image files"),
         "huge": ([bomb, "-o", tmp_path / "b.png"], "--max-pixels"),
-        "bad_steps": ([src, "-o", tmp_path / "s.png", "--steps", 0], "num_steps=0"),
+        "bad_steps": ([src, "-o", tmp_path / "s.png", "--steps", 0], "--steps 0"),
         "too_small": ([src, "-o", tmp_path / "s.png", "--min-size", 0, "--upscale", 0.5], "--min-size"),
     }[case]
     before = only_files(tmp_path)

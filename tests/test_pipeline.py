@@ -309,7 +309,7 @@ def test_presets_are_data():
     assert (quality.cfg_scale, quality.cfg_scale_start, quality.s_noise, quality.control_scale) == (6.0, 3.0, 1.02, 0.93)
     fidelity = restore_preset("fidelity")
     assert (fidelity.cfg_scale, fidelity.cfg_scale_start, fidelity.s_noise, fidelity.control_scale) == (4.0, 1.0, 1.01, 1.0)
-    assert set(RESTORE_PRESETS) == {"official", "paper", "quality", "fidelity"}
+    assert set(RESTORE_PRESETS) == {"official", "paper", "quality", "fidelity", "lightning"}
     with pytest.raises(ValueError, match="choose one of"):
         restore_preset("best")
 

@@ -5,8 +5,8 @@ Parts: ``vision.onnx`` (CLIP tower + projector, fp32), ``embed_tokens.npy``, and
 (``compose.py``) so that a 13B model converts within ~5 GB of RAM.
 
 Why plain ``torch.onnx.export`` + ORT's ``MatMulNBits`` quantizer rather than onnxruntime-genai's
-builder (``exclude_embeds=true``): measured on this kind of 2-core CPU (shared/reference/
-llava_onnx_notes.md), the builder's decoder decodes ~10 % faster and prefills the same, but it loads
+builder (``exclude_embeds=true``): measured on this kind of 2-core CPU,
+the builder's decoder decodes ~10 % faster and prefills the same, but it loads
 the whole model at ~7 bytes per parameter (~92 GB for 13B) and its runtime cannot feed
 ``inputs_embeds``, so the loop must be ours anyway; the streamed plain export fits a 24 GB machine and
 reproduces transformers' greedy ids exactly.

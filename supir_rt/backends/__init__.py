@@ -1,13 +1,16 @@
 """One Engine protocol for every backend; the pipeline only ever calls `infer`.
 
-Contract (after Polygraphy's runner, STYLE G3):
+Contract (after Polygraphy's runner):
 * `engine.spec` is the network's `NetworkSpec` (inputs, outputs, symbolic dims);
 * `engine.infer(feed)` takes a mapping name -> torch.Tensor (on `engine.device`) and returns
   dict name -> torch.Tensor. **Returned tensors belong to the engine until the next `infer`** on
   it: copy them if you need them longer (backends may write into preallocated buffers);
 * `engine.close()` frees it; engines are context managers.
 Feeds are validated (names, dtypes, ranks, consistent dims) unless `validate=False` was asked for
-the hot loop. Backends register by name; `open_engines` picks one (`auto` = fastest available).
+the hot loop, then converted in ONE place, `EngineBase.conform_inputs` (device, contiguity and the dtype
+the backend computes in); `_run` receives the conformed feed and trusts it. Outputs are
+produced in the spec's dtype and callers never re-cast them. Backends register by name; `open_engines`
+picks one (`auto` = fastest available).
 """
 
 from __future__ import annotations
@@ -39,27 +42,46 @@ class Engine(Protocol):
 
 
 class EngineBase(abc.ABC):
-    """Shared lifecycle and validation; subclasses implement `_run(feed) -> dict`."""
+    """Shared lifecycle, validation and input conversion; subclasses implement `_run(feed) -> dict`.
+
+    `infer(feed)`: validate against the spec (unless ``validate=False``), conform with
+    `conform_inputs`, then `_run`. Backends must not convert inputs again inside `_run`.
+    """
 
     backend = "base"
 
     def __init__(self, spec: NetworkSpec, device: str | torch.device = "cpu", *, validate: bool = True,
                  float_dtype: torch.dtype | None = None) -> None:
         self.spec, self.device, self.validate = spec, torch.device(device), validate
-        self.float_dtype = float_dtype  # dtype float inputs must have (None: the spec's, fp32)
+        # dtype the floating-point inputs are converted to before `_run` (None: the spec's, fp32). A
+        # backend that computes in another precision (a torch module in fp16) sets it; callers still
+        # feed the spec's dtype.
+        self.float_dtype = float_dtype
         self.closed = False
         self._out_buffers: dict[str, torch.Tensor] = {}
 
-    def _staged_inputs(self, feed: Mapping[str, torch.Tensor]) -> list[tuple[TensorSpec, torch.Tensor]]:
-        """Each input as a contiguous tensor of the spec's dtype on the engine's device, in spec order.
-        Converted copies are returned so that the caller keeps them alive for the whole run."""
-        staged = []
+    def input_dtype(self, s: TensorSpec) -> torch.dtype:
+        """The dtype input ``s`` has when it reaches `_run`."""
+        return self.float_dtype if self.float_dtype is not None and s.dtype.is_floating_point else s.dtype
+
+    def conform_inputs(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """THE input conversion of every backend: each spec input, in spec order, as a contiguous tensor
+        on ``self.device`` in `input_dtype`. A tensor that already conforms is passed through as it is
+        (no copy, no kernel); one that does not is copied once (a host->device copy when it lives on
+        another device). The returned dict owns any converted copies: keep it alive until the backend
+        has finished reading the inputs (`infer` does)."""
+        out = {}
         for s in self.spec.inputs:
             t = feed[s.name]
-            if t.dtype != s.dtype or t.device != self.device or not t.is_contiguous():
-                t = t.to(device=self.device, dtype=s.dtype).contiguous()
-            staged.append((s, t))
-        return staged
+            dtype = self.input_dtype(s)
+            if t.dtype != dtype or t.device != self.device or not t.is_contiguous():
+                t = t.to(device=self.device, dtype=dtype).contiguous()
+            out[s.name] = t
+        return out
+
+    def _staged_inputs(self, feed: Mapping[str, torch.Tensor]) -> list[tuple[TensorSpec, torch.Tensor]]:
+        """(spec, tensor) pairs in spec order of a feed `infer` has already conformed (no conversion)."""
+        return [(s, feed[s.name]) for s in self.spec.inputs]
 
     def _output_buffers(self, dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
         """Preallocated outputs for these symbol values, reused while the shapes stay the same (the
@@ -75,12 +97,14 @@ class EngineBase(abc.ABC):
         if self.closed:
             raise RuntimeError(f"{self.backend} engine {self.spec.name!r} is closed")
         if self.validate:
-            validate_feed(self.spec, feed, float_dtype=self.float_dtype)
-        return self._run(feed)
+            validate_feed(self.spec, feed)
+        conformed = self.conform_inputs(feed)  # held here until _run returns: converted copies stay alive
+        return self._run(conformed)
 
     @abc.abstractmethod
     def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the validated feed; outputs may be the engine's reused buffers."""
+        """Run a feed `conform_inputs` produced (trust it: no conversion here); outputs in the spec's
+        dtype, possibly the engine's reused buffers."""
 
     def close(self) -> None:
         self._out_buffers.clear()

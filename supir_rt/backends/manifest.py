@@ -1,6 +1,6 @@
 """Self-describing engine artifacts: names, the JSON manifest beside each file, and its check.
 
-Every exported ONNX graph and every TensorRT plan gets a manifest (STYLE G14) recording what it is
+Every exported ONNX graph and every TensorRT plan gets a manifest recording what it is
 (network, I/O spec, model-config fingerprint, precision), how it was made (exporter, opset, tool
 versions, build settings) and from what (hash of the weights and of the source checkpoints). At load
 time `check_manifest` compares the manifest with what the runtime expects and refuses a mismatch
@@ -31,6 +31,7 @@ import torch
 
 from supir_rt.backends.specs import DEFAULT_RANGES, DimRange, NetworkSpec
 from supir_rt.config import ModelConfig
+from supir_rt.errors import UserError
 
 MANIFEST_VERSION = 1
 Precision = Literal["fp32", "fp16"]
@@ -38,7 +39,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 REBUILD_ONNX = "python export/build_engines.py"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """An engine artifact is missing, stale, or was built for something else."""
 
 
@@ -194,6 +195,9 @@ def check_manifest(artifact: Path, *, spec: NetworkSpec, config: ModelConfig, pr
     if man.config_fingerprint != config_fingerprint(config):
         problems.append(f"built for model config {man.config_name!r} ({man.config_fingerprint}), "
                         f"requested {config.name!r} ({config_fingerprint(config)})")
+        if man.config_name == "tiny" and config.name != "tiny":  # rebuilding here would overwrite them
+            fix = ("these are the tiny random model's engines: run them with --tiny-random, or give "
+                   "--engines-dir a folder of engines built from the checkpoints")
     if man.spec != spec_to_json(spec):
         problems.append(f"I/O spec differs: artifact {man.spec}, expected {spec_to_json(spec)}")
     for key, want in (extra or {}).items():

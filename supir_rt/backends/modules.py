@@ -1,6 +1,6 @@
 """One `nn.Module` per exported network, with positional tensor inputs in spec order.
 
-These adapt the reference model's signatures to the I/O contract of `specs.py` (STYLE G5): the
+These adapt the reference model's signatures to the I/O contract of `specs.py`: the
 PyTorch backend runs them and the ONNX exporter traces them, so both see the same computation.
 Per-step values (timestep, control_scale) are inputs, never constants.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from supir_rt.backends.specs import NETWORKS
 from supir_rt.model.supir import SUPIRModel
 
 
@@ -77,4 +78,11 @@ NETWORK_MODULES: dict[str, type[nn.Module]] = {
     "vae_decoder": VAEDecoder,
     "text_encoders": TextEncoders,
 }
+# The SUPIRModel submodule each network's module reads (the rest of the model can stay on `meta`).
+OWNER_MODULES: dict[str, str] = {
+    "dr_encoder": "first_stage_model", "vae_encoder": "first_stage_model", "vae_decoder": "first_stage_model",
+    "unet_adaptor": "model", "text_encoders": "conditioner",
+}
+if set(NETWORK_MODULES) != set(NETWORKS) or set(OWNER_MODULES) != set(NETWORKS):  # specs.NETWORKS is the one list
+    raise ImportError(f"backends.modules covers {sorted(NETWORK_MODULES)}, specs.NETWORKS is {NETWORKS}")
 

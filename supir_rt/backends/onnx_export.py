@@ -1,8 +1,8 @@
 """Export the reference networks to ONNX, one graph per `NetworkSpec`, each with a manifest.
 
-Names, dynamic axes and tracing inputs all come from `specs.py` (STYLE G4); the traced modules are
+Names, dynamic axes and tracing inputs all come from `specs.py`; the traced modules are
 the same positional wrappers the PyTorch backend runs (`modules.py`), so both backends compute the
-same thing. Choices, by measurement (shared/reference/export_notes.md):
+same thing. Choices, by measurement on a 2-core CPU machine:
 * exporter: TorchScript (`dynamo=False`), 13x faster than the dynamo exporter on an SDXL-like UNet
   with the same accuracy; `exporter="dynamo"` is kept for torch versions that drop it;
 * precision: ``fp32`` graphs for CPUs; ``fp16`` graphs for GPUs, where the UNet+adaptor and the text

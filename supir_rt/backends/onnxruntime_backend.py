@@ -1,12 +1,13 @@
 """The ONNX Runtime backend: an Engine over an ORT session, with IO binding to torch tensors.
 
-Inputs are bound straight from the caller's torch tensors and outputs are written by ORT into torch
-tensors this engine allocates from the spec's output shapes (reused while the shapes stay the same),
-so no array is copied on the way in or out. As the protocol says, returned tensors belong to the
-engine until its next `infer`.
+Inputs are bound by pointer to the torch tensors `EngineBase.conform_inputs` hands over (the caller's
+own tensors when they are already contiguous, of the spec dtype and on the engine's device; a converted
+copy otherwise), and outputs are written by ORT into torch tensors this engine allocates from the
+spec's output shapes (reused while the shapes stay the same), so ORT makes no numpy copy on the way
+in or out. As the protocol says, returned tensors belong to the engine until its next `infer`.
 
 Providers: the CPU execution provider by default (2 intra-op threads, spinning off: measured best
-on a 2-core machine, also when another process shares the cores; export_notes.md); the CUDA and
+on a 2-core machine, also when another process shares the cores); the CUDA and
 TensorRT execution providers when onnxruntime-gpu and a GPU are present ("onnxruntime-cuda").
 Artifacts are checked against their manifests before a session is created (`manifest.py`).
 """
@@ -76,8 +77,8 @@ class OrtEngine(EngineBase):
     def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dims = self.spec.infer_dims(feed)
         binding = self.session.io_binding()
-        staged = self._staged_inputs(feed)  # converted copies must outlive the run
-        for s, t in staged:
+        for s in self.spec.inputs:  # conformed by infer(), which keeps any converted copy alive
+            t = feed[s.name]
             binding.bind_input(s.name, *self._ort_device, _NUMPY_TYPES[s.dtype], tuple(t.shape), t.data_ptr())
         outputs = self._output_buffers(dims)
         for s in self.spec.outputs:

@@ -1,7 +1,7 @@
 """The engine I/O contract: every exported network's inputs and outputs, declared once, as data.
 
 ONNX input names and dynamic axes, TensorRT profiles, buffer shapes for a request, random sample
-inputs and feed validation are all derived from these tables (STYLE G4). Shapes use symbolic dims:
+inputs and feed validation are all derived from these tables. Shapes use symbolic dims:
 `B` (images per request), `2B` (the CFG pair [uncond, cond] stacked on the batch axis), `h`/`w`
 (latent height/width) and `8h`/`8w` (image pixels). A dim is an int, a symbol, or `<k><symbol>`.
 """

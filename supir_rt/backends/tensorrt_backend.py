@@ -6,7 +6,7 @@ what it was built from, and must match this GPU, this TensorRT and the ONNX file
 (`manifest.check_plan`). `tensorrt` is imported lazily: without it (or without a GPU, or with a
 TensorRT outside 10.x) the backend is registered but unavailable, with the reason.
 
-How the engines opened together run (the serving design of NVIDIA's diffusion demo, STYLE G17):
+How the engines opened together run (the serving design of NVIDIA's diffusion demo):
 
 * **One activation arena.** Contexts are created with USER_MANAGED device memory; one buffer, grown
   to the largest requirement of the (engine, profile) pairs actually used, is given to every
@@ -42,6 +42,7 @@ from supir_rt.backends import EngineBase, register_backend
 from supir_rt.backends.manifest import ArtifactError, GpuTarget, Manifest, check_plan, plan_name, rebuild_command
 from supir_rt.backends.specs import NETWORKS, NetworkSpec, Profile, network_specs, select_profile
 from supir_rt.config import ModelConfig
+from supir_rt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class TensorRTError(ArtifactError):
     to fix it. An ArtifactError, so the API and the command line report it as one clear line."""
 
 
-class ProfileError(ValueError):
-    """A request outside every optimisation profile of a plan."""
+class ProfileError(UserError):
+    """A request outside every optimisation profile of a plan (a `UserError`, hence a `ValueError`:
+    the message says which sizes the plans cover)."""
 
 
 # ------------------------------------------------------------------------------ version and import

@@ -34,6 +34,7 @@ from supir_rt.backends.placement import (
     NETWORK_PARTS, OOM_ADVICE, MemoryPlan, Offloader, offloaders, pin_host_memory, plan_from_model,
 )
 from supir_rt.backends.specs import NetworkSpec, network_specs
+from supir_rt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ PHASES = {"dr_encoder": "stage 1 (degradation-robust encoder)", "vae_encoder": "
           "unet_adaptor": "sampling", "vae_decoder": "decoding", "text_encoders": "prompt encoding"}
 
 
-class DeviceMemoryError(RuntimeError):
-    """The GPU ran out of memory in one network; the message names the phase and what to lower."""
+class DeviceMemoryError(UserError, RuntimeError):
+    """The GPU ran out of memory in one network; the message names the phase and what to lower (a
+    `UserError`: the CLI prints it as one line)."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
 * ``sidecar``: the contents of ``<image>.txt`` beside each image (``IMAGE.png`` -> ``IMAGE.txt``);
 * ``llava``: LLaVA-1.5 over ONNX Runtime from an exported folder (``llava.py``; heavy imports are lazy).
 
-The pipeline captions the stage-1 image (reference §4.3) and joins caption and quality prompt with
+The pipeline captions the stage-1 image and joins caption and quality prompt with
 ``join_prompt``; ``check_truncation`` reports when CLIP's 77-token window cuts the quality prompt.
 """
 
@@ -19,12 +19,14 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 from supir_rt.caption.prompt import check_truncation, clean_caption, join_prompt
+from supir_rt.errors import UserError
 
 __all__ = [
     "CAPTIONERS",
     "Captioner",
     "NoCaptioner",
     "SidecarCaptioner",
+    "SidecarMissingError",
     "TextCaptioner",
     "check_truncation",
     "clean_caption",
@@ -40,6 +42,10 @@ class Captioner(Protocol):
     def caption(self, image: Image.Image, source: Path | None = None) -> str: ...
 
     def close(self) -> None: ...
+
+
+class SidecarMissingError(UserError, FileNotFoundError):
+    """An image's caption sidecar (IMAGE.txt) does not exist."""
 
 
 class NoCaptioner:
@@ -79,7 +85,7 @@ class SidecarCaptioner:
             raise ValueError("the sidecar captioner needs the image's file path (source=...) to find its .txt")
         path = self.path_for(source)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise SidecarMissingError(
                 f"caption sidecar {path} is missing for {source}; write the caption there, or choose another "
                 "captioner (--captioner none|text|llava)"
             )
@@ -108,7 +114,7 @@ def make_captioner(
         return NoCaptioner()
     if kind == "text":
         if text is None:
-            raise ValueError("captioner 'text' needs text=... (the caption to use)")
+            raise UserError("captioner 'text' needs text=... (the caption to use; --caption TEXT on the command line)")
         return TextCaptioner(text)
     if kind == "sidecar":
         return SidecarCaptioner(**kw)
@@ -116,4 +122,4 @@ def make_captioner(
         from supir_rt.caption.llava import LlavaCaptioner
 
         return LlavaCaptioner(model_dir, precision, seed=seed, sample=sample, **kw)
-    raise ValueError(f"unknown captioner {kind!r}; choose one of {', '.join(CAPTIONERS)}")
+    raise UserError(f"unknown captioner {kind!r}; choose one of {', '.join(CAPTIONERS)}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from supir_rt.caption import layout
 from supir_rt.caption.prompt import DEFAULT_QUESTION
+from supir_rt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,9 @@ def output_paths(images: list[Path], out_dir: Path) -> list[Path]:
     for img, target in zip(images, targets):
         key = target.resolve()
         if key in seen:
-            raise ValueError(f"{img} and {seen[key]} would both write {target}; caption them into different folders")
+            raise UserError(f"{img} and {seen[key]} would both write {target}; caption them into different folders")
         if key in inputs:
-            raise ValueError(f"refusing to overwrite input {target}")
+            raise UserError(f"refusing to overwrite input {target}")
         seen[key] = img
     return targets
 
@@ -80,7 +81,7 @@ def run_caption(args: argparse.Namespace) -> int:
         args.output.mkdir(parents=True, exist_ok=True)
         try:
             targets = output_paths(list(args.images), args.output)
-        except ValueError as err:
+        except UserError as err:
             log.error("%s", err)
             return 2
     try:
@@ -89,7 +90,7 @@ def run_caption(args: argparse.Namespace) -> int:
             seed=None if args.seed == -1 else args.seed, sample=not args.greedy,
             question=args.question, max_new_tokens=args.max_new_tokens, threads=args.threads,
         )
-    except (layout.ModelDirError, ValueError) as err:
+    except UserError as err:  # ModelDirError, a bad --precision
         log.error("%s", err)
         return 2
     try:
@@ -104,7 +105,7 @@ def run_caption(args: argparse.Namespace) -> int:
             else:
                 print(f"{path}\t{text}")
             sys.stdout.flush()
-    except layout.ModelDirError as err:
+    except UserError as err:
         log.error("%s", err)
         return 2
     finally:

@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from supir_rt.errors import UserError
+
 FORMAT = "supir-rt-llava"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -28,7 +30,7 @@ ENV_MODEL_DIR = "SUPIR_RT_LLAVA_DIR"
 
 def decoder_file(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+        raise UserError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     return f"decoder_{precision}.onnx"
 
 
@@ -39,7 +41,7 @@ def export_command(model_dir: Path | str, precision: str = "int4") -> str:
     )
 
 
-class ModelDirError(FileNotFoundError):
+class ModelDirError(UserError, FileNotFoundError):
     """The exported model folder is missing, incomplete or from another format version."""
 
 
@@ -47,7 +49,8 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     if not model_dir.is_dir():
         raise ModelDirError(
             f"LLaVA model folder {model_dir} does not exist; export one with:\n  {export_command(model_dir)}\n"
-            f"(or set {ENV_MODEL_DIR} / --model-dir to an exported folder; see docs/captions.md)"
+            f"(or point {ENV_MODEL_DIR}, `supir-rt caption --model-dir` or `supir-rt restore --llava-dir` at an "
+            "exported folder; see docs/captions.md)"
         )
     path = model_dir / MANIFEST
     if not path.is_file():

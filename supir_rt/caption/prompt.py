@@ -1,7 +1,7 @@
 """Prompts around the captioner: LLaVA's vicuna_v1 template and tokenization, caption clean-up, and
 joining a caption with SUPIR's quality prompt (with the CLIP 77-token truncation check).
 
-Sources: SUPIR ``llava/llava_agent.py`` and ``test.py`` (reference §7, §4.5, §10.12); LLaVA's
+Sources: SUPIR ``llava/llava_agent.py`` and ``test.py``; LLaVA's
 ``conv_vicuna_v1`` template and ``tokenizer_image_token``.
 """
 
@@ -14,7 +14,7 @@ SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-# SUPIR test.py's question; the Gradio demo uses a longer one (reference §4.8).
+# SUPIR test.py's question; the Gradio demo uses a longer one.
 DEFAULT_QUESTION = "Describe this image and its style in a very detailed manner."
 CLIP_CONTENT_TOKENS = 75  # 77 minus start/end tokens
 
@@ -52,7 +52,7 @@ def clean_caption(text: str) -> str:
 def join_prompt(caption: str, quality_prompt: str, *, quality_first: bool = False) -> str:
     """The positive prompt SUPIR encodes.
 
-    Official (§4.5): ``caption + quality_prompt`` with **no separator** ("...a red car.Cinematic, ...").
+    Official: ``caption + quality_prompt`` with **no separator** ("...a red car.Cinematic, ...").
     With ``quality_first`` the quality prompt comes first (joined by a space) so that it survives the
     77-token CLIP truncation when captions are long.
     """

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The attention kernel: one module-level seam (STYLE G10) so that export or benchmarks can swap it.
+# The attention kernel: one module-level seam so that export or benchmarks can swap it.
 # Signature: (q, k, v) each (B, heads, tokens, dim_head) -> (B, heads, tokens_q, dim_head).
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 attention_fn: AttentionFn = F.scaled_dot_product_attention

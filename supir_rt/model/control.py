@@ -1,7 +1,7 @@
 """SUPIR's adaptor: the ZeroSFT and ZeroCrossAttn connectors and the GLVControl trunk.
 
 Ports `ZeroSFT`, `ZeroCrossAttn` and `GLVControl` of `SUPIR/modules/SUPIR_v0.py`
-(Fanghua-Yu/SUPIR @ bda91af), from the formulas in reference doc §2.1, §2.4, §2.5 and §10.1-10.4.
+(Fanghua-Yu/SUPIR @ bda91af), from its documented formulas.
 Removed upstream: the `mask`/progressive-mask training branches (asserted off at inference), the
 unused `ZeroConv`, xformers switches, gradient checkpointing.
 """
@@ -56,7 +56,7 @@ class ZeroSFT(nn.Module):
 
 
 class ZeroCrossAttn(nn.Module):
-    """h + s * Attn(q = GN1(h) tokens, kv = GN2(c) tokens); 64-dim heads (reference doc §2.5, §12)."""
+    """h + s * Attn(q = GN1(h) tokens, kv = GN2(c) tokens); 64-dim heads."""
 
     def __init__(self, context_dim: int, query_dim: int, dim_head: int = 64) -> None:
         super().__init__()
@@ -77,7 +77,7 @@ class GLVControl(EncoderTrunk):
     """The adaptor trunk: a full SDXL encoder + `input_hint_block`, returning 10 control features.
 
     The LQ latent enters only through `input_hint_block`, added after `input_blocks[0]` (which sees
-    the c_in-scaled noisy latent `xt`); there is no channel concatenation (reference doc §10.1).
+    the c_in-scaled noisy latent `xt`); there is no channel concatenation.
     """
 
     def __init__(self, cfg: ControlConfig) -> None:

@@ -1,7 +1,7 @@
 """SDXL's text/vector conditioner: CLIP-L, OpenCLIP ViT-bigG-14 text and the three size embedders.
 
 Ports the inference path of `sgm/modules/encoders/modules.py` (Stability-AI/generative-models as
-vendored by Fanghua-Yu/SUPIR @ bda91af) as configured by `options/SUPIR_v0.yaml` (reference doc §1.5):
+vendored by Fanghua-Yu/SUPIR @ bda91af) as configured by `options/SUPIR_v0.yaml`:
 
 * `embedders.0` `FrozenCLIPEmbedder` (layer "hidden", layer_idx 11): Hugging Face `CLIPTextModel`
   (openai/clip-vit-large-patch14) in HF's module layout under `transformer.text_model`; output
@@ -32,7 +32,7 @@ from supir_rt.model.blocks import LayerNorm32
 from supir_rt.model.embeddings import timestep_embedding
 from supir_rt.tokenizer import VOCAB_SIZE, load_tokenizer
 
-# The causal attention kernel: one module-level seam (STYLE G10).
+# The causal attention kernel: one module-level seam.
 # (q, k, v) each (B, heads, T, d) -> (B, heads, T, d), causal mask, scale 1/sqrt(d).
 CausalAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -1,7 +1,7 @@
 """The SDXL UNet encoder trunk (time/label embeddings, input blocks, middle block).
 
 Shared by the UNet (`model.diffusion_model`) and GLVControl (`model.control_model`), which is a full
-copy of it (reference doc §1.3). Ports the constructor of `UNetModel` in
+copy of it. Ports the constructor of `UNetModel` in
 `sgm/modules/diffusionmodules/openaimodel.py` (Fanghua-Yu/SUPIR @ bda91af), encoder half only.
 """
 

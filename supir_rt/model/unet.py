@@ -1,7 +1,7 @@
 """The SDXL UNet with SUPIR's connector decoder (LightGLVUNet, `mode: XL-base`).
 
 Ports `UNetModel` of `sgm/modules/diffusionmodules/openaimodel.py` and `LightGLVUNet` of
-`SUPIR/modules/SUPIR_v0.py` (Fanghua-Yu/SUPIR @ bda91af) from reference doc §1.2, §2.2-2.3, §12.
+`SUPIR/modules/SUPIR_v0.py` (Fanghua-Yu/SUPIR @ bda91af).
 The connector widths are derived from the trunk layout, so any `model_channels` builds; at 320 they
 equal the official hard-coded lists. Removed upstream: checkpointing, xformers, training masks.
 """
@@ -47,7 +47,7 @@ class LightGLVUNet(EncoderTrunk):
 
         The official list is the 10 ZeroSFTs in control order with a ZeroCrossAttn inserted before the
         ZeroSFT of each control index whose output block ends in an Upsample (indices 3 and 6 in SDXL),
-        giving the 12-entry order of reference doc §2.2.
+        giving the official 12-entry order.
         """
         norm_nc = list(self.layout.skip_channels) + [self.layout.middle_channels]  # UNet skip widths
         n_out = len(dec_in)

@@ -3,9 +3,9 @@
 Ports `Encoder`, `Decoder`, `ResnetBlock`, `AttnBlock`, `Downsample` (and `Upsample`, shared with the UNet) of
 `sgm/modules/diffusionmodules/model.py`, `AutoencoderKL` of `sgm/models/autoencoder.py`,
 `DiagonalGaussianDistribution` of `sgm/modules/distributions/distributions.py`, and the denoise
-encoder of `SUPIR/models/SUPIR_model.py` (Fanghua-Yu/SUPIR @ bda91af), from reference doc §1.4.
+encoder of `SUPIR/models/SUPIR_model.py` (Fanghua-Yu/SUPIR @ bda91af).
 The denoise encoder is a second `Encoder` sharing `quant_conv`. Mid attention is single-head SDPA
-(the `vanilla-xformers` block computes the same thing, §10.26). Removed: temb paths (unused),
+(the `vanilla-xformers` block computes the same thing). Removed: temb paths (unused),
 in-level attention (attn_resolutions is empty), training losses.
 """
 
