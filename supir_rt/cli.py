@@ -527,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     from supir_rt.ui.cli import add_ui_parser  # gradio itself is imported only when the command runs
 
     add_ui_parser(sub)
+    from supir_rt.serve.cli import add_serving_parsers  # serve, triton-repo, triton
+
+    add_serving_parsers(sub)
     return parser
 
 
