@@ -1,80 +1,87 @@
 #!/usr/bin/env bash
-# GPU check for supir-rt (issue 6): on a machine with one CUDA GPU and no network, installs nothing,
-# runs the `full` architecture (random weights) per network at 1024² and a 1024² restore on every
-# backend available there, within BUDGET_S seconds (default 470, under 8 minutes), and prints one
-# table last. Parity with PyTorch eager fp32 is asserted before anything is timed.
+# GPU check of supir-rt's PyTorch CUDA path (issue 11): one prepared command for a machine with one
+# CUDA GPU, PyTorch with CUDA, and no network, TensorRT or onnxruntime-gpu. Installs nothing; needs
+# only this repository (weights are random: the official architecture with PyTorch's default init).
+# Runs within BUDGET_S seconds (default 470, under 8 minutes) and always ends with ONE table:
 #
-#   bash benchmarks/gpu_check.sh                 # results under $OUT (if set) or benchmarks/results/gpu-<date>
-#   BUDGET_S=900 STEPS=50 bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh              # results and table.md under $OUT (if set) or benchmarks/results/
+#   bash benchmarks/gpu_check.sh --dry-run    # tiny model on the CPU: checks the script end to end (a test runs it)
+#   BUDGET_S=900 bash benchmarks/gpu_check.sh
 #
-# Phases (each under `timeout`; a phase cut short keeps the cases it finished, the JSON is
-# rewritten after every case):
-#   1. networks, PyTorch eager, fp32 (reference) / fp16 / bf16, latent 128x128
-#   2. networks, PyTorch optimised (torch.compile + channels-last), fp16, latent 128x128
-#   3. restore, STEPS steps (default 10) at 1024², eager fp32 / fp16 / bf16
-#   4. ONNX Runtime: only the CPU provider exists on these machines (no onnxruntime-gpu), so it
-#      runs the VAE and text networks on the CPU against PyTorch on the CPU, at latent 32x32, with
-#      what is left of the budget (the 3.9 B-parameter UNet+adaptor export alone takes minutes).
-#   TensorRT is tried in phase 1/2 and skipped with its reason when it is not installed.
+# Phases (benchmarks/cuda_check.py), each under `timeout` with a cap; time a phase does not use goes
+# to the next ones; a phase cut short keeps the rows it finished (its JSON is rewritten per row):
+#   step              one CFG step at 1024² (the CFG pair through unet_adaptor + the denoiser arithmetic),
+#                     eager fp16, channels-last and contiguous                          (cap  60 s)
+#   compiled          the same, torch.compile (inductor), then + CUDA graphs            (cap 230 s)
+#   vae               VAE encoder / decoder at 1024², bf16 and fp32                     (cap  50 s)
+#   restore           a 50-step 1024² restore, eager fp16, VAE and text encoders offloaded (cap 90 s)
+#   restore-compiled  the same with compile + CUDA graphs, if time is left              (rest)
 set -u
 cd "$(dirname "$0")/.."
 
+DRY=()
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=(--dry-run); fi
 BUDGET_S=${BUDGET_S:-470}
-STEPS=${STEPS:-10}
 START=$(date +%s)
-RES=${OUT:-benchmarks/results}/gpu-$(date -u +%Y%m%dT%H%M%SZ)
+RES=${OUT:-benchmarks/results}/gpu-$(date -u +%Y%m%dT%H%M%SZ)${DRY:+-dry-run}
 mkdir -p "$RES"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+WHEELS=${WHEELS:-.whl}  # pure-Python dependencies the GPU image may lack, brought along as wheels
 
-left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
-
-echo "== gpu_check: results in $RES, budget ${BUDGET_S} s"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
-if ! $PY - <<'EOF'
-import importlib.util, sys
-import torch
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU available: {torch.cuda.is_available()}")
-missing = [m for m in ("pytest", "supir_rt", "onnx", "onnxruntime", "PIL", "tokenizers", "safetensors")
-           if importlib.util.find_spec(m) is None]
-print("pytest-benchmark:", "present" if importlib.util.find_spec("pytest_benchmark") else
-      "absent (the suite's own timer is used)")
-if missing:
-    print(f"missing modules: {missing} (pytest and supir_rt's dependencies are required)")
-sys.exit(0 if torch.cuda.is_available() and not {"pytest", "supir_rt"} & set(missing) else 1)
-EOF
-then
-    echo "gpu_check: needs a CUDA GPU, pytest and supir_rt importable (run from the repo, pip install -e . beforehand)"
+missing_packages() {  # supir-rt's import-time dependencies that this Python cannot import
+    $PY -c '
+import importlib.util
+need = {"torch": "torch", "numpy": "numpy", "PIL": "pillow", "safetensors": "safetensors", "tokenizers": "tokenizers",
+        "ftfy": "ftfy", "wcwidth": "wcwidth", "regex": "regex", "yaml": "pyyaml", "tqdm": "tqdm"}
+print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))'
+}
+missing=$(missing_packages)
+if [[ -n "$missing" ]] && compgen -G "$WHEELS/*.whl" > /dev/null; then
+    echo "== installing $missing from $WHEELS/ (offline)"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/supir-rt-site \
+        "$WHEELS"/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/supir-rt-site"
+    missing=$(missing_packages)
+fi
+if [[ -n "$missing" ]]; then
+    echo "gpu_check: Python packages missing here: $missing. This machine has no network: on one that has, run"
+    echo "  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl $missing"
+    echo "and bring the .whl folder along (or point WHEELS= at it)."
     exit 2
 fi
 
-# Send SIGINT first so pytest prints its summary and the JSON already holds every finished case.
-phase() {  # phase NAME MAX_SECONDS pytest-args...
-    local name=$1 max=$2; shift 2
-    local t; t=$(left)
-    (( t > max )) && t=$max
-    if (( t < 30 )); then echo "== $name: skipped, budget spent"; return; fi
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+
+echo "== gpu_check: results in $RES, budget ${BUDGET_S} s ${DRY[*]:-}"
+if (( ${#DRY[@]} == 0 )); then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+    if ! $PY -c 'import sys, torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU: {torch.cuda.is_available()}"); sys.exit(0 if torch.cuda.is_available() else 1)'; then
+        echo "gpu_check: needs a CUDA GPU and PyTorch with CUDA (use --dry-run to check the script on a CPU)"
+        exit 2
+    fi
+fi
+
+phase() {  # phase NAME CAP_SECONDS
+    local name=$1 cap=$2 t
+    t=$(( $(left) - 10 ))  # keep 10 s for the table
+    (( t > cap )) && t=$cap
+    if (( t < 25 )); then echo "== $name: skipped, budget spent"; return; fi
     echo "== $name (up to ${t} s)"
-    timeout -s INT -k 15 "$t" $PY -m pytest -q -p no:cacheprovider --results-dir "$RES" "$@" \
-        > "$RES/$name.log" 2>&1
+    # SIGINT first: Python stops where it is; the rows finished so far are already on disk
+    timeout -s INT -k 10 "$t" $PY benchmarks/cuda_check.py --phase "$name" --out "$RES" --budget $(( t - 15 )) \
+        "${DRY[@]}" > "$RES/$name.log" 2>&1
     local rc=$?
-    tail -n 3 "$RES/$name.log"
-    (( rc == 124 )) && echo "   ($name cut at ${t} s: finished cases are kept)"
+    grep -E "^(Traceback|[A-Za-z_.]*Error|CUDA graph|torch.compile)" "$RES/$name.log" | tail -n 3
+    (( rc == 124 || rc == 130 )) && echo "   ($name cut at ${t} s: finished rows are kept)"
+    (( rc != 0 && rc != 124 && rc != 130 )) && echo "   ($name exited with $rc; see $RES/$name.log)"
+    return 0
 }
 
-COMMON=(--model-size full --device cuda --warmup 2 --rounds 5)
-phase networks-eager 150 benchmarks/test_networks.py "${COMMON[@]}" --latent 128x128 \
-    --backends torch,tensorrt --precisions fp32,fp16,bf16
-phase networks-opt 130 benchmarks/test_networks.py "${COMMON[@]}" --latent 128x128 \
-    --backends torch,torch-opt --precisions fp16 --networks unet_adaptor,vae_decoder
-phase restore 130 benchmarks/test_pipeline.py --model-size full --device cuda --warmup 1 --rounds 2 \
-    --latent 128x128 --steps "$STEPS" --backends torch --precisions fp32,fp16,bf16
-phase onnxruntime-cpu 600 benchmarks/test_networks.py --model-size full --device cpu --warmup 1 --rounds 3 \
-    --latent 32x32 --backends torch,onnxruntime --precisions fp32 \
-    --networks dr_encoder,vae_encoder,vae_decoder,text_encoders
+phase step 60
+phase compiled 230
+phase vae 50
+phase restore 90
+phase restore-compiled 600
 
 echo "== total $(( $(date +%s) - START )) s"
-shopt -s nullglob
-runs=("$RES"/run-*.json)
-if (( ${#runs[@]} == 0 )); then echo "gpu_check: no case finished"; exit 1; fi
-$PY benchmarks/report.py --plot "$RES/latency.png" --markdown "$RES/tables.md" "${runs[@]}" >/dev/null
-$PY benchmarks/report.py --one-table "${runs[@]}"
+$PY benchmarks/cuda_check.py --table "$RES" "${DRY[@]}" | tee "$RES/table.md"

@@ -13,6 +13,7 @@ own their output buffers until the next call).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -76,10 +77,41 @@ def _warn_precision(device: torch.device, dtype: torch.dtype) -> None:
         log.warning("fp16 on CPU is very slow (about 70x slower than fp32 in PyTorch); use --dtype fp32 on CPU")
 
 
-def _cast_diffusion(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """UNet + control model in ``dtype``; VAE and text encoders stay as they are (fp32): the SDXL VAE
-    overflows in fp16."""
-    model.model.to(dtype)
+def _memory_plan(device: torch.device, dtype: torch.dtype, vae_dtype: str | None, offload: bool | None):
+    """The torch backend's placement: UNet + adaptor in ``dtype`` resident; on CUDA the VAE (bf16 by
+    default; never fp16, it overflows) and the text encoders (fp16) visit the GPU only while they run."""
+    from supir_rt.backends.placement import MemoryPlan
+
+    try:
+        return MemoryPlan.for_device(device, diffusion_dtype=dtype, offload=offload,
+                                     vae_dtype=parse_dtype(vae_dtype) if vae_dtype else None)
+    except ValueError as err:
+        raise SetupError(f"--vae-dtype {vae_dtype}: {err}") from None
+
+
+def _check_fp8(device: torch.device) -> None:
+    from supir_rt.backends.fp8 import fp8_unsupported_reason
+
+    reason = fp8_unsupported_reason(device)
+    if reason:
+        raise SetupError(reason)
+
+
+@contextlib.contextmanager
+def _loading_memory(plan: Any, model_config: ModelConfig):
+    """A CUDA out-of-memory error while placing or loading the weights, as one clear SetupError."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        from supir_rt.model.supir import build_model
+
+        need = plan.weight_bytes(build_model(model_config, device="meta"))
+        raise SetupError(
+            f"the GPU ran out of memory while loading the weights: the plan keeps {need['device'] / 2**30:.1f} GiB "
+            f"of weights on {plan.device} and needs {need['device_peak'] / 2**30:.1f} GiB while the largest "
+            "offloaded network runs. Use --fp8-weights (Ada/Hopper GPUs), keep offloading on, or a GPU with "
+            "more memory"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -125,25 +157,38 @@ class Restorer:
     def from_weights(
         cls, sdxl: str | Path, supir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
         backend: str = "torch", engines_dir: str | Path | None = None, config: ModelConfig | None = None,
-        **kwargs: Any,
+        vae_dtype: str | None = None, offload: bool | None = None, fp8_weights: bool = False,
+        torch_options: Any = None, **kwargs: Any,
     ) -> Restorer:
         """Load the official SDXL base + SUPIR-v0Q/v0F checkpoints (torch backend), or open exported
-        engines from ``engines_dir`` (onnxruntime/tensorrt backends, which need no PyTorch model)."""
+        engines from ``engines_dir`` (onnxruntime/tensorrt backends, which need no PyTorch model).
+
+        Torch backend only: ``vae_dtype`` (bf16 on CUDA, fp32 on CPU by default; fp16 is refused),
+        ``offload`` (None: on CUDA, the VAE and text encoders visit the GPU only while they run),
+        ``fp8_weights`` (UNet + adaptor weights stored in fp8, GPUs with compute capability 8.9+),
+        ``torch_options`` (`supir_rt.backends.torch_backend.TorchOptions`: compile, CUDA graphs)."""
         config = config or ModelConfig.official()
         backend = _pick_backend(backend, engines_dir, device, config, dtype)
         desc = {"backend": backend, "dtype": dtype, "device": str(device), "model": config.name,
                 "sdxl": Path(sdxl).name if sdxl else None, "supir": Path(supir).name if supir else None}
         if backend.startswith("torch"):
-            from supir_rt.model.supir import build_model
+            from supir_rt.backends.placement import build_placed_model
             from supir_rt.weights import load_checkpoints
 
             dev, dt = check_device(device), parse_dtype(dtype)
             _warn_precision(dev, dt)
-            model = build_model(config, device="meta")
-            _cast_diffusion(model, dt)
-            model = model.to_empty(device=dev)
-            load_checkpoints(model, sdxl=sdxl, supir=supir)
-            engines = open_engines("torch", model=model)
+            plan = _memory_plan(dev, dt, vae_dtype, offload)
+            if fp8_weights:
+                _check_fp8(dev)
+            with _loading_memory(plan, config):
+                # each part allocated where the plan puts it, then the files streamed tensor by tensor
+                model = build_placed_model(config, _loading_plan(plan, fp8_weights), init=False,
+                                           pin=False if fp8_weights else None)
+                load_checkpoints(model, sdxl=sdxl, supir=supir)
+                if fp8_weights:  # quantised on the host, so the GPU never holds the fp16 UNet
+                    _quantize_and_place(model, plan)
+            engines = _open_torch(model, plan, torch_options, fp8_weights=False)
+            desc.update(_torch_description(plan, torch_options, fp8_weights))
         else:
             engines = _open_artifact_engines(backend, config, engines_dir, dtype)
         return cls(engines, config, description=desc, **kwargs)
@@ -165,7 +210,8 @@ class Restorer:
 
     @classmethod
     def tiny_random(cls, *, seed: int = 0, device: str = "cpu", dtype: str = "fp32", backend: str = "torch",
-                    engines_dir: str | Path | None = None, **kwargs: Any) -> Restorer:
+                    engines_dir: str | Path | None = None, vae_dtype: str | None = None, offload: bool | None = None,
+                    fp8_weights: bool = False, torch_options: Any = None, **kwargs: Any) -> Restorer:
         """The whole pipeline on the tiny configuration with random weights: shows it runs end to end.
         **The output is not a restoration** (random networks produce noise-like images)."""
         from supir_rt.model.supir import build_model
@@ -175,7 +221,11 @@ class Restorer:
         _warn_precision(dev, dt)
         # auto: torch, or with engines_dir the engine backend whose artifacts there are usable
         backend = _pick_backend(backend, engines_dir, dev, config, dtype)
-        if not backend.startswith("torch"):
+        if backend.startswith("torch"):
+            plan = _memory_plan(dev, dt, vae_dtype, offload)
+            if fp8_weights:
+                _check_fp8(dev)
+        else:
             _check_engine_dtype(dtype)
             if engines_dir is not None:
                 _refuse_foreign_engines(Path(engines_dir), config)
@@ -185,8 +235,10 @@ class Restorer:
         desc = {"backend": backend, "dtype": dtype, "device": str(dev), "model": "tiny-random",
                 "weights_seed": seed}
         if backend.startswith("torch"):
-            _cast_diffusion(model, dt)
-            engines = open_engines("torch", model=model)
+            from supir_rt.backends.placement import place_model
+
+            engines = _open_torch(place_model(model, plan), plan, torch_options, fp8_weights)
+            desc.update(_torch_description(plan, torch_options, fp8_weights))
         else:
             try:
                 from supir_rt.backends.onnx_export import export_all
@@ -332,6 +384,55 @@ class Restorer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _loading_plan(plan: Any, fp8_weights: bool) -> Any:
+    """Where to load the weights: the plan itself, except that with fp8 weights the UNet + adaptor is
+    loaded on the host (fp16, unpinned: host RAM then holds about the fp16 weights, 1.0x) and quantised
+    there before it goes to the GPU, so a GPU that fits the fp8 UNet but not the fp16 one can load it."""
+    from supir_rt.backends.placement import MemoryPlan, NetworkPlacement
+
+    if not fp8_weights or plan.device.type == "cpu":
+        return plan
+    unet = plan.networks["unet_adaptor"]
+    return MemoryPlan(plan.device, {**plan.networks, "unet_adaptor": NetworkPlacement(unet.dtype, resident=False)})
+
+
+def _quantize_and_place(model: torch.nn.Module, plan: Any) -> None:
+    from supir_rt.backends.fp8 import quantize_fp8_
+
+    from supir_rt.backends.placement import NETWORK_PARTS, pin_host_memory
+
+    quantize_fp8_(model.model)
+    model.model.to(plan.home("unet_adaptor"))  # a device move only: a dtype cast would upcast the fp8 buffers
+    if plan.device.type == "cuda":
+        for name, parts in NETWORK_PARTS.items():
+            if not plan.networks[name].resident:
+                for part in parts:
+                    pin_host_memory(model.get_submodule(part))
+
+
+def _open_torch(model: torch.nn.Module, plan: Any, options: Any, fp8_weights: bool) -> dict[str, Engine]:
+    if fp8_weights:
+        from supir_rt.backends.fp8 import quantize_fp8_
+
+        quantize_fp8_(model.model)  # after every cast: the fp8 buffers must not be upcast again
+    return open_engines("torch", model=model, plan=plan, options=options)
+
+
+def _torch_description(plan: Any, options: Any, fp8_weights: bool) -> dict[str, Any]:
+    """What the outputs' metadata records about the torch backend's precision and speed options."""
+    def name(dt: torch.dtype) -> str:
+        return next(k for k, v in DTYPES.items() if v == dt)
+
+    desc = {"vae_dtype": name(plan.networks["vae_decoder"].dtype),
+            "text_dtype": name(plan.networks["text_encoders"].dtype),
+            "offload": not plan.networks["vae_decoder"].resident}
+    if fp8_weights:
+        desc["fp8_weights"] = True
+    if options is not None and options.compile:
+        desc["compile"] = options.compile_mode
+    return desc
 
 
 def tiny_engines_cache() -> Path:

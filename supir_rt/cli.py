@@ -352,6 +352,18 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="precision of the diffusion networks (default fp32 on CPU, fp16 on CUDA) [--diff_dtype]")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    g = parser.add_argument_group("PyTorch backend speed and memory (docs/cuda.md)")
+    g.add_argument("--vae-dtype", choices=("bf16", "fp32"), default=None,
+                   help="precision of the VAE networks (default bf16 on CUDA, fp32 on CPU; never fp16: it overflows)")
+    g.add_argument("--no-offload", action="store_false", dest="offload", default=None,
+                   help="keep the VAE and text encoders on the GPU (default: they visit it only while they run)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet + adaptor (slow first step), "
+                   "and on CUDA replay it from a CUDA graph")
+    g.add_argument("--compile-mode", default=None, help="torch.compile mode (default: default)")
+    g.add_argument("--no-cuda-graphs", action="store_false", dest="cuda_graphs", default=None,
+                   help="with --compile on CUDA: do not capture CUDA graphs")
+    g.add_argument("--fp8-weights", action="store_true",
+                   help="store the UNet + adaptor weights in fp8 (half the VRAM; GPUs with fp8: Ada, Hopper)")
     r.add_argument("--max-pixels", type=int, default=None,
                    help="largest input image in pixels (decompression-bomb guard, default 64 Mpx)")
     r.add_argument("--tiny-random", action="store_true",
@@ -407,13 +419,35 @@ def build_restorer(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any
     options: dict[str, Any] = {"progress": False, "captioner": make_captioner_from_args(args)}
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
+    torch_opts = torch_options_from_args(args)
+    flag = lambda name: getattr(args, name, None)  # noqa: E731 - namespaces built by other commands may lack them
+    given = [name for name, on in (
+        ("--vae-dtype", flag("vae_dtype")), ("--no-offload", flag("offload") is False), ("--compile", flag("compile")),
+        ("--compile-mode", flag("compile_mode")), ("--no-cuda-graphs", flag("cuda_graphs") is False),
+        ("--fp8-weights", flag("fp8_weights"))) if on]
+    if given and (backend not in ("auto", "torch") or (engines_dir is not None and backend != "torch")):
+        raise SetupError(f"{', '.join(given)}: PyTorch backend options; drop them or use --backend torch")
     if args.tiny_random:
-        return Restorer.tiny_random(device=device, dtype=dtype, backend=backend, engines_dir=engines_dir, **options)
+        return Restorer.tiny_random(device=device, dtype=dtype, backend=backend, engines_dir=engines_dir,
+                                    **torch_opts, **options)
     if engines_dir is not None and backend != "torch":
         return Restorer.from_engines(engines_dir, backend=backend, dtype=dtype, **options)
     weights = find_weights(args, file_cfg)
     return Restorer.from_weights(weights.sdxl, weights.supir, device=device, dtype=dtype, backend=backend,
-                                 engines_dir=engines_dir, **options)
+                                 engines_dir=engines_dir, **torch_opts, **options)
+
+
+def torch_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The torch backend's keyword arguments of `Restorer` from the flags (None / False when not given)."""
+    from supir_rt.backends.torch_backend import TorchOptions
+
+    compile_ = bool(getattr(args, "compile", False))
+    options = None
+    if compile_ or getattr(args, "cuda_graphs", None) is not None:
+        options = TorchOptions(compile=compile_, compile_mode=getattr(args, "compile_mode", None) or "default",
+                               cuda_graphs=getattr(args, "cuda_graphs", None))
+    return {"vae_dtype": getattr(args, "vae_dtype", None), "offload": getattr(args, "offload", None),
+            "fp8_weights": bool(getattr(args, "fp8_weights", False)), "torch_options": options}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

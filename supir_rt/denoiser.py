@@ -162,6 +162,7 @@ class GuidedDenoiser:
         self.cfg = cfg
         self.control = control
         self.cond = {key: torch.cat([uncond[key], cond[key]]) for key in cond}  # (2B, ...) as [uc, c]
+        self._checked_batch: int | None = None
 
     def scales(self, sigma_hat: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(CFG scale per sample (B,), control scale 0-dim) for this step."""
@@ -170,9 +171,11 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, sigma_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         sigma_hat, sigma = per_sample(sigma_hat, batch, x), per_sample(sigma, batch, x)
-        for key, value in self.cond.items():
-            if value.shape[0] != 2 * batch:
-                raise ValueError(f"cond[{key!r}] has batch {value.shape[0] // 2}, x has batch {batch}")
+        if batch != self._checked_batch:  # validated once per batch size, not at every step
+            for key, value in self.cond.items():
+                if value.shape[0] != 2 * batch:
+                    raise ValueError(f"cond[{key!r}] has batch {value.shape[0] // 2}, x has batch {batch}")
+            self._checked_batch = batch
         cfg_scale, control_scale = self.scales(sigma_hat, sigma)
         out = self.model(torch.cat([x, x]), torch.cat([sigma_hat, sigma_hat]), self.cond, control_scale)  # (2B, ...)
         d_uncond, d_cond = out.chunk(2)

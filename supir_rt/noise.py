@@ -57,6 +57,11 @@ class NoiseSource:
         """Standard normal with x's shape and dtype, drawn on the noise generator's device and moved to
         x's device (``torch.randn_like`` on the device RNG in the official code)."""
         out = torch.randn(x.shape, generator=self.device_generator, device=self.device, dtype=x.dtype)
+        if out.device.type == "cpu" and x.device.type == "cuda":
+            # through pinned memory, asynchronously: a plain host->GPU copy waits for the GPU queue,
+            # which would stall the sampler loop at every churned step (the caching host allocator
+            # keeps the pinned block alive until the copy has run)
+            return out.pin_memory().to(x.device, non_blocking=True)
         return out.to(x.device)
 
     def __repr__(self) -> str:

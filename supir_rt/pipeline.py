@@ -27,6 +27,7 @@ backend runs them. All randomness comes from one `NoiseSource`. Each stage repor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections import OrderedDict
@@ -153,16 +154,37 @@ def _infer(engine: Engine, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def engine_network(engine: Engine) -> Network:
     """The denoiser's ``network(x_in, t, cond, control_scale) -> eps`` over the ``unet_adaptor`` engine.
-    The returned eps belongs to the engine; `EpsDenoiser` consumes it before the next call."""
+    The returned eps belongs to the engine; `EpsDenoiser` consumes it before the next call.
+
+    Validated once (STYLE G16): the first feed is checked against the spec (if the engine validates),
+    later steps of the same sampling run change values only, so they skip the check."""
+    checked = False
 
     def network(x_in: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor],
                 control_scale: float | torch.Tensor) -> torch.Tensor:
+        nonlocal checked
         cs = torch.as_tensor(control_scale, dtype=torch.float32).reshape(1)
-        out = _infer(engine, x_in=x_in, timesteps=t, context=cond["crossattn"], vector=cond["vector"],
-                     lq_latent=cond["control"], control_scale=cs)
+        feed = dict(x_in=x_in, timesteps=t, context=cond["crossattn"], vector=cond["vector"],
+                    lq_latent=cond["control"], control_scale=cs)
+        with _validation_skipped(engine) if checked else contextlib.nullcontext():
+            out = _infer(engine, **feed)
+        checked = True
         return out["eps"].to(x_in.device)  # no-op (no copy) when the engine is on the latent's device
 
     return network
+
+
+@contextlib.contextmanager
+def _validation_skipped(engine: Engine):
+    """The hot loop's opt-out of feed validation (engines validate by default, `EngineBase.validate`)."""
+    saved = getattr(engine, "validate", None)
+    if saved:
+        engine.validate = False
+    try:
+        yield
+    finally:
+        if saved:
+            engine.validate = saved
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,7 +450,7 @@ class Pipeline:
             return captioner.caption(caption_image(self.engines, image, config.upscale, config.min_size), source=source)
         return captioner.caption(image, source=source)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: engines recognise unchanged inputs by their version counters
     def run(
         self,
         image: Image.Image,

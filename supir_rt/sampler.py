@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from supir_rt.denoiser import Denoiser, ReportsScales, append_dims
@@ -29,9 +30,13 @@ NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 class StepInfo:
     """What one sampler step did; passed to ``callback`` after the denoiser call and the guidance.
 
-    ``x`` is the latent the denoiser saw (after churn noise), ``denoised`` the D used for the update
-    (after restoration guidance). ``cfg_scale`` / ``control_scale`` are None when the denoiser does not
-    report them (`ReportsScales`); ``cfg_scale`` is that of the first sample.
+    Building it reads nothing from the device (STYLE G16): the σ values, γ and k_t are host floats
+    from the schedule (σ̂ = σ_k·(1 + γ) and k_t = (σ_k/σ_max)^τ_r computed in float64, where the
+    sampler applies them in the latent's dtype), ``x`` / ``denoised`` are the device tensors themselves
+    (the latent the denoiser saw, after churn noise; the D used for the update, after restoration
+    guidance), and ``cfg_scale`` / ``control_scale`` are read from the device only when a callback
+    accesses them (None when the denoiser does not report them, `ReportsScales`; ``cfg_scale`` is that
+    of the first sample). A progress bar that only counts steps therefore costs no synchronisation.
     """
 
     index: int
@@ -40,11 +45,18 @@ class StepInfo:
     sigma_next: float
     sigma_hat: float
     gamma: float
-    cfg_scale: float | None
-    control_scale: float | None
     k_t: float
     x: torch.Tensor
     denoised: torch.Tensor
+    scales: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+
+    @property
+    def cfg_scale(self) -> float | None:
+        return None if self.scales is None else float(self.scales()[0].reshape(-1)[0])
+
+    @property
+    def control_scale(self) -> float | None:
+        return None if self.scales is None else float(self.scales()[1])
 
 
 def initial_latent(noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -55,19 +67,24 @@ def initial_latent(noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
 
 def _report(
     callback: Callable[[StepInfo], None] | None, denoise: Denoiser, index: int, total: int,
-    sigma: torch.Tensor, sigma_next: torch.Tensor, sigma_hat: torch.Tensor, gamma: float, k_t: float,
+    sigma: float, sigma_next: float, gamma: float, k_t: float, sigma_t: torch.Tensor, sigma_hat_t: torch.Tensor,
     x: torch.Tensor, denoised: torch.Tensor,
 ) -> None:
+    """Call ``callback`` with host values only; the device scales stay behind a lazy accessor."""
     if callback is None:
         return
-    cfg_scale = control_scale = None
-    if isinstance(denoise, ReportsScales):
-        cfg, cs = denoise.scales(sigma_hat, sigma)
-        cfg_scale, control_scale = float(cfg.reshape(-1)[0]), float(cs)
-    callback(StepInfo(
-        index=index, total=total, sigma=float(sigma[0]), sigma_next=float(sigma_next), sigma_hat=float(sigma_hat[0]),
-        gamma=gamma, cfg_scale=cfg_scale, control_scale=control_scale, k_t=k_t, x=x, denoised=denoised,
-    ))
+    scales = (lambda: denoise.scales(sigma_hat_t, sigma_t)) if isinstance(denoise, ReportsScales) else None
+    sigma_hat = _in_dtype(sigma, sigma_t.dtype) * _in_dtype(1.0 + gamma, sigma_t.dtype)  # as the device rounds it
+    callback(StepInfo(index=index, total=total, sigma=sigma, sigma_next=sigma_next, sigma_hat=float(sigma_hat),
+                      gamma=gamma, k_t=k_t, x=x, denoised=denoised, scales=scales))
+
+
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """A host float rounded to ``dtype`` (numpy scalar arithmetic then rounds like the device does)."""
+    try:
+        return np.dtype(str(dtype).removeprefix("torch.")).type(value)
+    except TypeError:  # bfloat16 and other dtypes numpy lacks: plain float64
+        return value
 
 
 def sample_restore_edm(
@@ -105,7 +122,7 @@ def sample_restore_edm(
         raise ValueError(f"restore_cfg={restore_cfg} > 0 needs x_center")
     total = sigmas.shape[0] - 1
     s_in = sigmas.new_ones(x.shape[0])  # (B,)
-    sigma_values = sigmas.tolist()  # python floats, for the branch decisions only
+    sigma_values = sigmas.tolist()  # host floats, read once: branches and reports never touch the device
     for k in range(total):
         sigma, sigma_next = sigmas[k] * s_in, sigmas[k + 1]  # (B,), 0-dim
         gamma = min(s_churn / total, 2**0.5 - 1) if s_tmin <= sigma_values[k] <= s_tmax else 0.0
@@ -118,8 +135,10 @@ def sample_restore_edm(
         if sigma_values[k + 1] > restore_cfg_s_tmin and restore_cfg > 0:
             weight = (sigma / restore_sigma_max) ** restore_cfg  # (B,)
             denoised = denoised - (denoised - x_center) * append_dims(weight, x.ndim)
-            k_t = float(weight[0])
-        _report(callback, denoise, k, total, sigma, sigma_next, sigma_hat, gamma, k_t, x, denoised)
+            k_t = float((_in_dtype(sigma_values[k], sigmas.dtype) / _in_dtype(restore_sigma_max, sigmas.dtype))
+                        ** _in_dtype(restore_cfg, sigmas.dtype))
+        _report(callback, denoise, k, total, sigma_values[k], sigma_values[k + 1], gamma, k_t, sigma, sigma_hat,
+                x, denoised)
         d = (x - denoised) / append_dims(sigma_hat, x.ndim)
         x = x + append_dims(sigma_next - sigma_hat, x.ndim) * d
     return x
@@ -150,14 +169,16 @@ def sample_dpmpp_2m_sde(
     """
     total = sigmas.shape[0] - 1
     s_in = sigmas.new_ones(x.shape[0])
+    sigma_values = sigmas.tolist()  # host floats, read once
     old_denoised: torch.Tensor | None = None
     h_last: torch.Tensor | None = None
     for k in range(total):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         sigma_b = sigma * s_in  # (B,)
         denoised = denoise(x, sigma_b, sigma_b)
-        _report(callback, denoise, k, total, sigma_b, sigma_next, sigma_b, 0.0, 0.0, x, denoised)
-        if float(sigma_next) == 0.0:
+        _report(callback, denoise, k, total, sigma_values[k], sigma_values[k + 1], 0.0, 0.0, sigma_b, sigma_b,
+                x, denoised)
+        if sigma_values[k + 1] == 0.0:
             x = denoised
             continue
         h = torch.log(sigma / sigma_next)

@@ -82,9 +82,15 @@ def test_batch_key_and_grouping():
 
 
 def test_settings_the_loop_does_not_know_are_not_batched():
-    """A field added to RestoreConfig later (e.g. another sampler) batches only at its default."""
+    """A field added to RestoreConfig later batches only at its default."""
     Extended = dataclasses.make_dataclass(
-        "Extended", [("sampler", str, dataclasses.field(default="restore_edm"))], bases=(RestoreConfig,), frozen=True)
+        "Extended", [("future_setting", str, dataclasses.field(default="plain"))], bases=(RestoreConfig,), frozen=True)
     assert batchable(Extended(**FAST))
-    assert not batchable(Extended(sampler="dpmpp_2m_sde", **FAST))
-    assert batch_key((48, 40), Extended(sampler="dpmpp_2m_sde", **FAST)) is None
+    assert not batchable(Extended(future_setting="other", **FAST))
+    assert batch_key((48, 40), Extended(future_setting="other", **FAST)) is None
+
+
+def test_the_few_step_sampler_is_not_batched():
+    """The shared loop is the restoration EDM sampler: a DPM++ request runs alone."""
+    assert batchable(RestoreConfig(sampler="edm", **FAST))
+    assert not batchable(RestoreConfig(sampler="dpmpp2m-sde", **FAST))

@@ -123,8 +123,8 @@ class EngineBase(abc.ABC):
 # name -> (is_available() -> str | None reason-not-available, factory(**kwargs) -> dict[str, Engine])
 EngineFactory = Callable[..., dict[str, Engine]]
 BACKENDS: dict[str, tuple[Callable[[], str | None], EngineFactory]] = {}
-# `auto` tries these in order: fastest first.
-AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "torch")
+# `auto` tries these in order: fastest first. "torch" covers CPU and CUDA (`--device` chooses).
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime", "torch")
 
 
 # name -> artifacts_reason(artifact_dir=, config=, precision=) -> None if the folder holds usable

@@ -75,11 +75,21 @@ def test_engines_readme_documents_the_generated_contract(official):
 
 def test_auto_with_engines_never_picks_a_torch_backend(monkeypatch):
     """On a GPU machine without TensorRT/onnxruntime-gpu, `auto` over an engines folder must not pick
-    torch-cuda (which needs checkpoints, not engines)."""
+    the torch backend (which needs checkpoints, not engines); without engines it may."""
     import supir_rt.backends as backends
 
-    status = {"tensorrt": "absent", "onnxruntime-cuda": "absent", "torch-cuda": None, "onnxruntime": None,
-              "torch": None}
+    status = {"tensorrt": "absent", "onnxruntime-cuda": "absent", "onnxruntime": None, "torch": None}
     monkeypatch.setattr(backends, "available_backends", lambda: status)
-    assert backends.resolve_backend("auto") == "torch-cuda"
     assert backends.resolve_backend("auto", needs_artifacts=True) == "onnxruntime"
+    status["onnxruntime"] = "absent"
+    assert backends.resolve_backend("auto") == "torch"
+    with pytest.raises(RuntimeError, match="no backend"):
+        backends.resolve_backend("auto", needs_artifacts=True)
+
+
+def test_torch_backend_is_one_backend_for_every_device():
+    """There is no separate torch-cuda backend: `--backend torch --device cuda` is the CUDA path."""
+    import supir_rt.backends as backends
+
+    assert "torch-cuda" not in backends.available_backends()
+    assert "torch-cuda" not in backends.AUTO_ORDER
