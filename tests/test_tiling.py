@@ -234,3 +234,27 @@ def test_default_tile_constants():
     assert specs.SAMPLER_TILE_LATENT == tiling.DEFAULT_TILE_LATENT  # the engines' tile profile is the sampler's tile
     assert (tiling.DEFAULT_TILE_PX, tiling.DEFAULT_STRIDE_PX) == (1024, 512)
     assert OFFICIAL_SIGMA_MAX == 14.6146
+
+
+def test_tiled_hot_loop_reads_nothing_back_from_the_device(tiny_stack):
+    """Only the σ schedule is read into Python (once, before the loop); no per-tile or per-step reads."""
+    from collections import Counter
+
+    from torch.overrides import TorchFunctionMode
+
+    reads_of = {"item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy", "cpu"}
+
+    class Reads(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads: Counter[str] = Counter()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in reads_of:
+                self.reads[func.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    mode = Reads()
+    with mode:
+        _run_tiled(tiny_stack, 8, 4, 4, restore_sigmas(3), progress=lambda n: None)
+    assert dict(mode.reads) == {"tolist": 1}
