@@ -535,6 +535,7 @@ def torch_vae(engines) -> tuple[nn.Module, float] | None:
     """The PyTorch `AutoencoderKL` and scale factor behind the torch backend's VAE engines, or None when
     the VAE runs as an exported graph (ONNX Runtime, TensorRT), where it cannot be tiled layer by layer."""
     module = getattr(engines.get("vae_decoder"), "module", None)
+    module = getattr(module, "inner", module)  # the torch backend wraps each network in its I/O contract
     vae, scale = getattr(module, "vae", None), getattr(module, "scale", None)
     if vae is None or scale is None or not hasattr(vae, "denoise_encoder"):
         return None
