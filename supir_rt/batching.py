@@ -109,8 +109,13 @@ def run_batch(
     keys = {batch_key(item.image.size, item.config) for item in items}
     if len(keys) != 1 or None in keys:
         raise ValueError("run_batch needs items with one batch_key (equal processing size and shared settings)")
-    prepared = [_prepare(pipeline, item, captioner) for item in items]
     shared = items[0].config
+    # The shared loop is the untiled one: where the memory policy tiles this size, each request runs alone.
+    plan = pipeline.plan_tiling(processing_sizes(*items[0].image.size, shared.upscale, shared.min_size), shared)
+    if plan.sampler_tiled or plan.vae_tiled:
+        return [pipeline.run(item.image, item.config, caption=item.caption, captioner=captioner, source=item.source,
+                             tiling=plan) for item in items]
+    prepared = [_prepare(pipeline, item, captioner) for item in items]
     latents = _sample_batch(pipeline, prepared, shared)
     results = []
     for item, prep, latent in zip(items, prepared, latents.split(1)):
@@ -118,6 +123,7 @@ def run_batch(
         results.append(RestoreResult(
             image=postprocess(restored, prep.sizes.output), sizes=prep.sizes, seed=prep.seed, caption=prep.caption,
             prompt=prep.prompt, negative_prompt=item.config.n_prompt, config=item.config,
+            tiling=plan.as_metadata(),
         ))
     return results
 

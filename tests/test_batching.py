@@ -94,3 +94,25 @@ def test_the_few_step_sampler_is_not_batched():
     """The shared loop is the restoration EDM sampler: a DPM++ request runs alone."""
     assert batchable(RestoreConfig(sampler="edm", **FAST))
     assert not batchable(RestoreConfig(sampler="dpmpp2m-sde", **FAST))
+
+
+def test_sizes_the_memory_policy_tiles_run_alone(restorer, monkeypatch):
+    """`tiling=auto` tiles when the untiled estimate exceeds the device's memory; the shared loop is untiled,
+    so such a group runs request by request through the tiled path (never one untiled batch)."""
+    import supir_rt.memory as memory
+
+    # a device of 8 GiB on which the untiled VAE would need 9 GiB: the policy tiles the VAE
+    monkeypatch.setattr(memory, "available_memory", lambda device: 8 * memory.GiB)
+    monkeypatch.setattr(memory, "vae_bytes", lambda *args, **kwargs: 9 * memory.GiB)
+    items = [BatchItem(_image(0), RestoreConfig(seed=11, **FAST)), BatchItem(_image(1), RestoreConfig(seed=22, **FAST))]
+    assert batch_key(items[0].image.size, items[0].config) == batch_key(items[1].image.size, items[1].config)
+    calls = []
+    unet = restorer.pipeline.engines["unet_adaptor"]
+    original = unet.infer
+    unet.infer = lambda feed: calls.append(feed["x_in"].shape[0]) or original(feed)
+    try:
+        got = run_batch(restorer.pipeline, items)
+    finally:
+        unet.infer = original
+    assert calls == [2] * (2 * FAST["num_steps"])  # one request (one CFG pair) per call
+    assert all(r.tiling["vae_tiled"] and not r.tiling["sampler_tiled"] for r in got)
