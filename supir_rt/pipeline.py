@@ -156,7 +156,7 @@ def engine_network(engine: Engine) -> Network:
     """The denoiser's ``network(x_in, t, cond, control_scale) -> eps`` over the ``unet_adaptor`` engine.
     The returned eps belongs to the engine; `EpsDenoiser` consumes it before the next call.
 
-    Validated once (STYLE G16): the first feed is checked against the spec (if the engine validates),
+    Validated once: the first feed is checked against the spec (if the engine validates),
     later steps of the same sampling run change values only, so they skip the check."""
     checked = False
 

@@ -30,7 +30,7 @@ NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 class StepInfo:
     """What one sampler step did; passed to ``callback`` after the denoiser call and the guidance.
 
-    Building it reads nothing from the device (STYLE G16): the σ values, γ and k_t are host floats
+    Building it reads nothing from the device: the σ values, γ and k_t are host floats
     from the schedule (σ̂ = σ_k·(1 + γ) and k_t = (σ_k/σ_max)^τ_r computed in float64, where the
     sampler applies them in the latent's dtype), ``x`` / ``denoised`` are the device tensors themselves
     (the latent the denoiser saw, after churn noise; the D used for the update, after restoration

@@ -1,5 +1,5 @@
 """Tiled VAE passes in bounded memory, over the reference `Encoder` / `Decoder` modules (applied from
-outside the model, STYLE G10: nothing in `supir_rt/model/` changes).
+outside the model: nothing in `supir_rt/model/` changes).
 
 Two modes:
 

@@ -1,6 +1,6 @@
 """The PyTorch backend: the reference modules behind the Engine protocol, plus the CUDA fast path.
 
-Speed is applied from outside the reference model (STYLE G10):
+Speed is applied from outside the reference model:
 * precision and placement come from a `MemoryPlan` (`placement.py`): on CUDA the UNet + adaptor
   (fp16) stays on the GPU, the VAE (bf16) and the text encoders (fp16) visit it only while they run;
 * attention is PyTorch SDPA (the model's own `attention_fn` seam), convolutions run channels-last on

@@ -128,6 +128,8 @@ def add_serve_parser(subparsers: Any) -> None:
                    help=f"Retry-After seconds on 503 (default {d.retry_after_s:g})")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     s.add_argument("--object-store-mb", type=int, default=None, help="object store of the local Ray instance (MiB)")
+    s.add_argument("--metrics-export-port", type=int, default=None,
+                   help="port of the local Ray instance's Prometheus endpoint (GET /metrics; default: Ray picks one)")
     _add_runtime_flags(p)
     _add_limit_flags(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -177,6 +179,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from supir_rt.api import SetupError
 
     try:
+        if args.address and args.metrics_export_port is not None:
+            raise ValueError("--metrics-export-port sets up a local Ray instance; a cluster joined with --address "
+                             "exports its metrics on the port its `ray start --metrics-export-port` chose")
         app_args = serve_args(args)
         if args.print_config:
             if args.gpus_per_replica is None:
@@ -209,7 +214,8 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
             ray.init(address=args.address)
         else:
             store = args.object_store_mb * 2**20 if args.object_store_mb else None
-            ray.init(num_cpus=args.num_cpus, object_store_memory=store, include_dashboard=False)
+            metrics = {} if args.metrics_export_port is None else {"_metrics_export_port": args.metrics_export_port}
+            ray.init(num_cpus=args.num_cpus, object_store_memory=store, include_dashboard=False, **metrics)
     except (ConnectionError, ValueError, RuntimeError) as err:
         if args.debug:
             raise

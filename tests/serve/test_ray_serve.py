@@ -9,6 +9,7 @@ one request, from the `supir-rt restore` CLI.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -43,12 +44,13 @@ SERVE_FLAGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def url(tmp_path_factory):
+@contextlib.contextmanager
+def start_server(flags: list[str], tmp_path_factory):
+    """`supir-rt serve FLAGS` as users run it; yields its URL once healthy, stops it with SIGINT (exit 0)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
            "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
-    proc = subprocess.Popen([sys.executable, "-m", "supir_rt.cli", "serve", "--port", str(port), *SERVE_FLAGS],
+    proc = subprocess.Popen([sys.executable, "-m", "supir_rt.cli", "serve", "--port", str(port), *flags],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -72,6 +74,12 @@ def url(tmp_path_factory):
             proc.kill()
             out = proc.communicate()[0].decode()
     assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    with start_server(SERVE_FLAGS, tmp_path_factory) as base:
+        yield base
 
 
 def post(url: str, image: bytes, settings: dict | str | None = None, *, params=None, timeout=120, **fields):

@@ -30,6 +30,7 @@ def test_print_config_is_a_valid_ray_serve_config(capsys):
     (["--autoscale", "3"], "--autoscale"),
     (["--max-batch-size", "8", "--max-ongoing-requests", "4"], "max_ongoing_requests"),
     (["--replicas", "0"], "replicas"),
+    (["--address", "auto", "--metrics-export-port", "8080"], "--metrics-export-port"),
 ])
 def test_bad_flags_are_one_error_line(argv, words, capsys):
     assert main(["serve", "--tiny-random", "--print-config", *argv]) == 2

@@ -6,7 +6,7 @@ run, and stopping the server leaves nothing behind (its TMPDIR, working folder a
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them and sets
 ``SUPIR_RT_REQUIRE_BROWSER=1`` so that CI fails rather than skips); elsewhere skipped with the reason.
 A screenshot of the page is kept as ``ui.png`` under the test's temporary folder; set
-``SUPIR_RT_UI_SCREENSHOT=docs/img/ui.png`` to also write the README's (smaller) copy.
+``SUPIR_RT_UI_SCREENSHOT=docs/images/ui.png`` to also write the README's (smaller) copy.
 """
 
 from __future__ import annotations
