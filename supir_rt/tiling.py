@@ -204,6 +204,19 @@ TileDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 # --------------------------------------------------------------------------------------------------
 
 
+def _loop_setup(x: torch.Tensor, sigmas: torch.Tensor, tile: int | Sequence[int], stride: int, tile_batch: int):
+    """What both tiled samplers compute once before their loop: the tile plan, the batches of windows, the
+    number of images and steps, the σ values as host floats (for branch decisions only: the one device read)
+    and a ones vector per batch size (σ per tile)."""
+    if tile_batch < 1:
+        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+    plan = TilePlan.build(x.shape[-2], x.shape[-1], tile, stride, x.device)
+    batches = _batches(plan.windows, tile_batch)
+    images = x.shape[0]
+    ones = {n: sigmas.new_ones(n * images) for n in {len(b) for b in batches}}
+    return plan, batches, images, sigmas.shape[0] - 1, sigmas.tolist(), ones
+
+
 def sample_restore_edm_tiled(
     denoise: TileDenoiser,
     x: torch.Tensor,
@@ -235,14 +248,7 @@ def sample_restore_edm_tiled(
     """
     if restore_cfg > 0 and x_center is None:
         raise ValueError(f"restore_cfg={restore_cfg} > 0 needs x_center")
-    if tile_batch < 1:
-        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
-    plan = TilePlan.build(x.shape[-2], x.shape[-1], tile, stride, x.device)
-    batches = _batches(plan.windows, tile_batch)
-    images = x.shape[0]
-    total = sigmas.shape[0] - 1
-    sigma_values = sigmas.tolist()  # host floats for the branch decisions only
-    ones = {n: sigmas.new_ones(n * images) for n in {len(b) for b in batches}}
+    plan, batches, images, total, sigma_values, ones = _loop_setup(x, sigmas, tile, stride, tile_batch)
     for k in range(total):
         gamma = min(s_churn / total, 2**0.5 - 1) if s_tmin <= sigma_values[k] <= s_tmax else 0.0
         guided = sigma_values[k + 1] > restore_cfg_s_tmin and restore_cfg > 0
@@ -295,14 +301,7 @@ def sample_dpmpp_2m_sde_tiled(
     estimate (the next step's ``old_denoised``). The SDE noise is one whole-latent ``noise(x)`` draw
     per noised step, sliced per tile (the same draws as the untiled function; the official sampler
     uses a Brownian-tree noise sampler, so neither is seed-identical to the official output)."""
-    if tile_batch < 1:
-        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
-    plan = TilePlan.build(x.shape[-2], x.shape[-1], tile, stride, x.device)
-    batches = _batches(plan.windows, tile_batch)
-    images = x.shape[0]
-    total = sigmas.shape[0] - 1
-    sigma_values = sigmas.tolist()
-    ones = {n: sigmas.new_ones(n * images) for n in {len(b) for b in batches}}
+    plan, batches, images, total, sigma_values, ones = _loop_setup(x, sigmas, tile, stride, tile_batch)
     old_denoised: torch.Tensor | None = None
     h_last: torch.Tensor | None = None
     for k in range(total):

@@ -346,17 +346,22 @@ def _run_exact(walk: Callable[[torch.Tensor], _Walk], x: torch.Tensor, tiles: Se
             except _Reached:
                 reached = True
             except StopIteration as done:
-                out = done.value
-                if result is None:
-                    result = out.new_empty((*out.shape[:2], round(x.shape[-2] * out_zoom), round(x.shape[-1] * out_zoom)))
-                rows, cols = tile.crop(out_zoom)
-                t0, b0, l0, r0 = (round(v * out_zoom) for v in tile.core)
-                result[..., t0:b0, l0:r0] = out[..., rows, cols]
+                result = _paste(result, done.value, tile, x, out_zoom)
             if progress is not None:
                 progress(1)
         if not reached:
             return result
         stats.append(pooled.result(x.dtype))
+
+
+def _paste(result: torch.Tensor | None, out: torch.Tensor, tile: Tile, x: torch.Tensor, out_zoom: float) -> torch.Tensor:
+    """Write a tile's core (its output without the halo) into the whole output, allocated on first use."""
+    if result is None:
+        result = out.new_empty((*out.shape[:2], round(x.shape[-2] * out_zoom), round(x.shape[-1] * out_zoom)))
+    rows, cols = tile.crop(out_zoom)
+    t0, b0, l0, r0 = (round(v * out_zoom) for v in tile.core)
+    result[..., t0:b0, l0:r0] = out[..., rows, cols]
+    return result
 
 
 def _run_official(walk: Callable[[torch.Tensor], _Walk], x: torch.Tensor, tiles: Sequence[Tile], out_zoom: float,
@@ -388,11 +393,7 @@ def _run_official(walk: Callable[[torch.Tensor], _Walk], x: torch.Tensor, tiles:
             del h
     result = None
     for tile, out in zip(tiles, outputs):
-        if result is None:
-            result = out.new_empty((*out.shape[:2], round(x.shape[-2] * out_zoom), round(x.shape[-1] * out_zoom)))
-        rows, cols = tile.crop(out_zoom)
-        t0, b0, l0, r0 = (round(v * out_zoom) for v in tile.core)
-        result[..., t0:b0, l0:r0] = out[..., rows, cols]
+        result = _paste(result, out, tile, x, out_zoom)
         if progress is not None:
             progress(1)
     return result
