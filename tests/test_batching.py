@@ -7,6 +7,7 @@ pixels by far more).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -33,6 +34,19 @@ def restorer():
         yield r
 
 
+@contextlib.contextmanager
+def unet_batch_sizes(restorer):
+    """The batch size of every `unet_adaptor` call made inside the block, in order."""
+    calls: list[int] = []
+    unet = restorer.pipeline.engines["unet_adaptor"]
+    original = unet.infer
+    unet.infer = lambda feed: calls.append(feed["x_in"].shape[0]) or original(feed)
+    try:
+        yield calls
+    finally:
+        unet.infer = original
+
+
 def _image(seed: int, size=(48, 40)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
@@ -45,14 +59,8 @@ def test_batched_outputs_equal_single_restores(restorer):
         BatchItem(_image(1), RestoreConfig(seed=22, a_prompt="sharp", color_fix_type="adain", **FAST)),
         BatchItem(_image(2), RestoreConfig(seed=11, n_prompt="blurry", **FAST), caption="a cat"),
     ]
-    calls = []
-    unet = restorer.pipeline.engines["unet_adaptor"]
-    original = unet.infer
-    unet.infer = lambda feed: calls.append(feed["x_in"].shape[0]) or original(feed)
-    try:
+    with unet_batch_sizes(restorer) as calls:
         batched = run_batch(restorer.pipeline, items)
-    finally:
-        unet.infer = original
     assert calls == [6] * FAST["num_steps"]  # one call per step, CFG pairs of 3 requests
     for item, got in zip(items, batched):
         want = restorer.restore(item.image, item.config, caption=item.caption)
@@ -106,13 +114,7 @@ def test_sizes_the_memory_policy_tiles_run_alone(restorer, monkeypatch):
     monkeypatch.setattr(memory, "vae_bytes", lambda *args, **kwargs: 9 * memory.GiB)
     items = [BatchItem(_image(0), RestoreConfig(seed=11, **FAST)), BatchItem(_image(1), RestoreConfig(seed=22, **FAST))]
     assert batch_key(items[0].image.size, items[0].config) == batch_key(items[1].image.size, items[1].config)
-    calls = []
-    unet = restorer.pipeline.engines["unet_adaptor"]
-    original = unet.infer
-    unet.infer = lambda feed: calls.append(feed["x_in"].shape[0]) or original(feed)
-    try:
+    with unet_batch_sizes(restorer) as calls:
         got = run_batch(restorer.pipeline, items)
-    finally:
-        unet.infer = original
     assert calls == [2] * (2 * FAST["num_steps"])  # one request (one CFG pair) per call
     assert all(r.tiling["vae_tiled"] and not r.tiling["sampler_tiled"] for r in got)
