@@ -504,8 +504,11 @@ class TiledVAEEngine:
         p = next(vae.parameters())
         self.device, self.dtype = p.device, p.dtype
 
+    def vae_modules(self) -> tuple[nn.Module, float]:
+        return self.vae, self.scale
+
     @torch.inference_mode()
-    def infer(self, feed):
+    def infer(self, feed, *, check_inputs: bool = True):
         from supir_rt.model.vae import DiagonalGaussian
         from supir_rt.progress import phase
 
@@ -535,12 +538,8 @@ class TiledVAEEngine:
 def torch_vae(engines) -> tuple[nn.Module, float] | None:
     """The PyTorch `AutoencoderKL` and scale factor behind the torch backend's VAE engines, or None when
     the VAE runs as an exported graph (ONNX Runtime, TensorRT), where it cannot be tiled layer by layer."""
-    module = getattr(engines.get("vae_decoder"), "module", None)
-    module = getattr(module, "inner", module)  # the torch backend wraps each network in its I/O contract
-    vae, scale = getattr(module, "vae", None), getattr(module, "scale", None)
-    if vae is None or scale is None or not hasattr(vae, "denoise_encoder"):
-        return None
-    return vae, float(scale)
+    engine = engines.get("vae_decoder")
+    return None if engine is None else engine.vae_modules()
 
 
 def tiled_vae_engines(engines, *, tile_px: int, mode: VAETiling, keep: int = 0) -> dict:

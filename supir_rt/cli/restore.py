@@ -1,7 +1,5 @@
-"""The ``supir-rt`` command: ``restore``, ``ui`` (`supir_rt.ui`), and ``caption`` when captioning is present.
-
-A thin layer over `supir_rt.api.Restorer`: parse flags into a `RestoreConfig`, find the weights, plan
-every output before any work, then restore image by image. A bad option, input or setup (any
+"""``supir-rt restore``: parse flags into a `RestoreConfig`, load the runtime (`supir_rt.runtime`), plan
+every output before any work, then restore image by image through `supir_rt.api.Restorer`. A bad option, input or setup (any
 `supir_rt.errors.UserError`) gives one ``error: ...`` line naming the flag as typed (exit code 2);
 anything else is a bug and shows its traceback. ``--debug`` shows tracebacks for user errors too.
 """
@@ -17,122 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supir_rt.api import SDXL_FILE, SUPIR_FILES, SetupError
-from supir_rt.errors import SettingError, UserError
+from supir_rt.errors import SettingError, SetupError, UserError
 from supir_rt.images import OUTPUT_FORMATS, ImageError, check_output_path, check_writable_folder, is_image_file
 from supir_rt.progress import Progress
-from supir_rt.progress import active as active_progress
+from supir_rt.runtime import (
+    TINY_DEFAULTS, add_runtime_options, build_restorer, options_from_args, read_config_file, report_error,
+)
 from supir_rt.restore_config import (
     RESTORE_PRESETS, SAMPLERS, TILINGS, VAE_TILING_MODES, RestoreConfig, normalise_color_fix, restore_preset,
 )
 
 log = logging.getLogger("supir_rt")
 
-ENV_SDXL = "SUPIR_RT_SDXL"
-ENV_SUPIR = "SUPIR_RT_SUPIR"
-ENV_WEIGHTS_DIR = "SUPIR_RT_WEIGHTS_DIR"
-ENV_CONFIG = "SUPIR_RT_CONFIG"
 DEFAULT_OUTPUT_DIR = Path("restored")
-# --tiny-random defaults that keep a CPU run to about a minute (explicit flags win).
-TINY_DEFAULTS = {"num_steps": 4, "min_size": 256}
 
-
-class WeightsNotFoundError(SetupError):
-    """The checkpoint files are not where any of the lookups point."""
-
-
-# --------------------------------------------------------------------------------------------------
-# configuration file and weights lookup
-# --------------------------------------------------------------------------------------------------
-
-
-def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
-    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "supir-rt" / "config.toml"
-
-
-def default_weights_dir(env: Mapping[str, str] = os.environ) -> Path:
-    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "supir-rt" / "weights"
-
-
-def read_config_file(path: Path | None, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """The settings file (TOML, or YAML for .yaml/.yml): ``[weights]`` sdxl, supir, dir, variant and
-    ``[runtime]`` backend, engines_dir, device, dtype. A missing default file is not an error."""
-    explicit = path is not None or ENV_CONFIG in env
-    path = Path(path or env.get(ENV_CONFIG) or default_config_path(env)).expanduser()
-    if not path.is_file():
-        if explicit:
-            raise SetupError(f"config file {path} not found; fix --config / ${ENV_CONFIG}")
-        return {}
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        else:
-            import tomllib
-
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError
-        raise SetupError(f"config file {path} is not valid ({err}); fix it or pass another --config") from None
-    if not isinstance(doc, dict):
-        raise SetupError(f"config file {path}: expected tables [weights] / [runtime], got {type(doc).__name__}")
-    known = {"weights": {"sdxl", "supir", "dir", "variant"}, "runtime": {"backend", "engines_dir", "device", "dtype"}}
-    for table, value in doc.items():
-        if table not in known or not isinstance(value, dict):
-            raise SetupError(f"config file {path}: unknown section {table!r}; use [weights] and [runtime]")
-        unknown = set(value) - known[table]
-        if unknown:
-            raise SetupError(f"config file {path}: unknown keys {sorted(unknown)} in [{table}]; known: {sorted(known[table])}")
-    doc["_path"] = str(path)
-    return doc
-
-
-@dataclass(frozen=True)
-class WeightPaths:
-    sdxl: Path
-    supir: Path
-
-
-def find_weights(args: argparse.Namespace, file_cfg: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> WeightPaths:
-    """Flags, then environment variables, then the config file, then the weights folder."""
-    w = file_cfg.get("weights", {})
-    weights_dir = Path(args.weights_dir or env.get(ENV_WEIGHTS_DIR) or w.get("dir") or default_weights_dir(env)).expanduser()
-    variant = (args.supir_variant or w.get("variant") or "Q").upper()
-    if variant not in SUPIR_FILES:
-        raise SetupError(f"SUPIR variant {variant!r}: choose Q (quality, default) or F (fidelity)")
-    sdxl = args.sdxl or env.get(ENV_SDXL) or w.get("sdxl")
-    supir = args.supir or env.get(ENV_SUPIR) or w.get("supir")
-    sdxl_path = Path(sdxl).expanduser() if sdxl else weights_dir / SDXL_FILE
-    if supir:
-        supir_path = Path(supir).expanduser()
-    else:
-        supir_path = weights_dir / SUPIR_FILES[variant]
-        repack = supir_path.with_suffix(".safetensors")
-        if not supir_path.is_file() and repack.is_file():
-            supir_path = repack
-    missing = [p for p in (sdxl_path, supir_path) if not p.is_file()]
-    if missing:
-        raise WeightsNotFoundError(weights_help(sdxl_path, supir_path, weights_dir, variant))
-    return WeightPaths(sdxl_path, supir_path)
-
-
-def weights_help(sdxl: Path, supir: Path, weights_dir: Path, variant: str) -> str:
-    def state(p: Path) -> str:
-        return "found" if p.is_file() else "NOT FOUND"
-
-    return (
-        "the model weights are missing. supir-rt needs two files:\n"
-        f"  1. {SDXL_FILE}: SDXL base 1.0 with the 0.9 VAE, Stability AI's release "
-        f"(stabilityai/stable-diffusion-xl-base-1.0)\n     looked for {sdxl}: {state(sdxl)}\n"
-        f"  2. {SUPIR_FILES[variant]}: SUPIR v0{variant} from the SUPIR authors' release "
-        f"(v0Q = quality, the default; v0F = fidelity, pick it with --supir-variant F)\n"
-        f"     looked for {supir}: {state(supir)}\n"
-        f"Put both files in {weights_dir} (change the folder with --weights-dir or ${ENV_WEIGHTS_DIR}), or give "
-        f"each path with --sdxl/--supir, ${ENV_SDXL}/${ENV_SUPIR}, or a [weights] table in {default_config_path()}.\n"
-        "To see the pipeline run without weights: supir-rt restore IMAGE --tiny-random"
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,44 +232,6 @@ def add_restore_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    """Weights, backend, device and logging flags, shared by every command that loads the model
-    (``restore``, ``ui``); `build_restorer` reads them."""
-    r = parser.add_argument_group("runtime and weights")
-    r.add_argument("--sdxl", type=Path, help=f"SDXL base checkpoint ({SDXL_FILE}); env ${ENV_SDXL}")
-    r.add_argument("--supir", type=Path, help=f"SUPIR checkpoint ({SUPIR_FILES['Q']} or {SUPIR_FILES['F']}); env ${ENV_SUPIR}")
-    r.add_argument("--supir-variant", choices=("Q", "F", "q", "f"), default=None,
-                   help="which SUPIR file to look for in the weights folder [--SUPIR_sign] (Q)")
-    r.add_argument("--weights-dir", type=Path, help=f"folder holding both files; env ${ENV_WEIGHTS_DIR}")
-    r.add_argument("--config", type=Path, help=f"settings file (default {default_config_path()}; env ${ENV_CONFIG})")
-    r.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "onnxruntime-cuda", "tensorrt"), default=None,
-                   help="network runtime (default auto: torch without --engines-dir)")
-    r.add_argument("--engines-dir", type=Path, default=None, help="exported engines (onnxruntime/tensorrt backends)")
-    r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="precision of the diffusion networks (default fp32 on CPU, fp16 on CUDA) [--diff_dtype]")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
-    g = parser.add_argument_group("PyTorch backend speed and memory (docs/cuda.md)")
-    g.add_argument("--vae-dtype", choices=("bf16", "fp32"), default=None,
-                   help="precision of the VAE networks (default bf16 on CUDA, fp32 on CPU; never fp16: it overflows)")
-    g.add_argument("--no-offload", action="store_false", dest="offload", default=None,
-                   help="keep the VAE and text encoders on the GPU (default: they visit it only while they run)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet + adaptor (slow first step), "
-                   "and on CUDA replay it from a CUDA graph")
-    g.add_argument("--compile-mode", default=None, help="torch.compile mode (default: default)")
-    g.add_argument("--no-cuda-graphs", action="store_false", dest="cuda_graphs", default=None,
-                   help="with --compile on CUDA: do not capture CUDA graphs")
-    g.add_argument("--fp8-weights", action="store_true",
-                   help="store the UNet + adaptor weights in fp8 (half the VRAM; GPUs with fp8: Ada, Hopper)")
-    r.add_argument("--max-pixels", type=int, default=None,
-                   help="largest input image in pixels (decompression-bomb guard, default 64 Mpx)")
-    r.add_argument("--tiny-random", action="store_true",
-                   help="run the tiny configuration with random weights (no download; output is NOT a restoration)")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress, no notes: warnings and errors only")
-    r.add_argument("-v", "--verbose", action="store_true",
-                   help="print the time spent in each phase (load, caption, encode, sampling, decode, save) at the end")
-    r.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
 def restore_config_from_args(args: argparse.Namespace) -> RestoreConfig:
     overrides = {name: getattr(args, name, None) for name in SETTING_FLAGS if name != "preset"}
     if args.tiny_random:
@@ -405,55 +263,13 @@ def make_captioner_from_args(args: argparse.Namespace) -> Any:
     return make_captioner(kind)
 
 
-def build_restorer(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any:
-    import torch
-
-    from supir_rt.api import Restorer
-
-    rt = file_cfg.get("runtime", {})
-    device = args.device or rt.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or rt.get("dtype") or ("fp16" if str(device).startswith("cuda") else "fp32")
-    backend = args.backend or rt.get("backend") or "auto"
-    engines_dir = args.engines_dir or rt.get("engines_dir")
+def restorer_from_args(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any:
+    """The `Restorer` the restore flags ask for (`supir_rt.runtime.build_restorer`)."""
     # progress: the command activates its own `Progress` (run_restore), the Restorer adds none
-    options: dict[str, Any] = {"progress": False, "captioner": make_captioner_from_args(args)}
+    kwargs: dict[str, Any] = {"progress": False, "captioner": make_captioner_from_args(args)}
     if args.max_pixels is not None:
-        options["max_pixels"] = args.max_pixels
-    torch_opts = torch_options_from_args(args)
-    flag = lambda name: getattr(args, name, None)  # noqa: E731 - namespaces built by other commands may lack them
-    given = [name for name, on in (
-        ("--vae-dtype", flag("vae_dtype")), ("--no-offload", flag("offload") is False), ("--compile", flag("compile")),
-        ("--compile-mode", flag("compile_mode")), ("--no-cuda-graphs", flag("cuda_graphs") is False),
-        ("--fp8-weights", flag("fp8_weights"))) if on]
-    if given and (backend not in ("auto", "torch") or (engines_dir is not None and backend != "torch")):
-        raise SetupError(f"{', '.join(given)}: PyTorch backend options; drop them or use --backend torch")
-    if args.tiny_random:
-        return Restorer.tiny_random(device=device, dtype=dtype, backend=backend, engines_dir=engines_dir,
-                                    **torch_opts, **options)
-    if engines_dir is not None and backend != "torch":
-        return Restorer.from_engines(engines_dir, backend=backend, dtype=dtype, **options)
-    weights = find_weights(args, file_cfg)
-    return Restorer.from_weights(weights.sdxl, weights.supir, device=device, dtype=dtype, backend=backend,
-                                 engines_dir=engines_dir, **torch_opts, **options)
-
-
-def torch_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The torch backend's keyword arguments of `Restorer` from the flags (None / False when not given)."""
-    from supir_rt.backends.torch_backend import TorchOptions
-
-    compile_ = bool(getattr(args, "compile", False))
-    options = None
-    if compile_ or getattr(args, "cuda_graphs", None) is not None:
-        options = TorchOptions(compile=compile_, compile_mode=getattr(args, "compile_mode", None) or "default",
-                               cuda_graphs=getattr(args, "cuda_graphs", None))
-    return {"vae_dtype": getattr(args, "vae_dtype", None), "offload": getattr(args, "offload", None),
-            "fp8_weights": bool(getattr(args, "fp8_weights", False)), "torch_options": options}
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What a command reports as one ``error:`` line: `UserError` only (bad option, input or setup);
-    anything else is a bug and keeps its traceback."""
-    return (UserError,)
+        kwargs["max_pixels"] = args.max_pixels
+    return build_restorer(options_from_args(args, file_cfg), **kwargs)
 
 
 def run_restore(args: argparse.Namespace) -> int:
@@ -481,7 +297,7 @@ def _restore_all(args: argparse.Namespace, progress: Progress) -> int:
                 f"(steps {config.num_steps}, min-size {config.min_size})."
             )
         with progress.phase("load"):
-            restorer = build_restorer(args, file_cfg)
+            restorer = restorer_from_args(args, file_cfg)
     except UserError as err:
         if args.debug:
             raise
@@ -517,83 +333,4 @@ def _restore_all(args: argparse.Namespace, progress: Progress) -> int:
 
 def _error(err: BaseException) -> None:
     """One ``error:`` line; a bad setting names the flag (``--steps 0``), not the field."""
-    progress = active_progress()
-    if progress is not None:
-        progress.clear()
-    message = err.for_flags(SETTING_FLAGS) if isinstance(err, SettingError) else str(err)
-    print(f"error: {message}", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------------------------------
-# entry point
-# --------------------------------------------------------------------------------------------------
-
-
-class _LowerLevelFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        msg = super().format(record)
-        return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
-
-
-class _ProgressAwareHandler(logging.StreamHandler):
-    """Erases the progress status line before a log line, so that the two do not mix."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        progress = active_progress()
-        if progress is not None:
-            progress.clear()
-        super().emit(record)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from supir_rt import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="supir-rt", description="SUPIR image restoration runtime",
-        epilog="examples:\n  supir-rt restore photo.jpg -o restored.png\n  supir-rt restore --help      every restore "
-        "option, with examples\n  supir-rt caption photo.jpg --model-dir llava-13b-onnx",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"supir-rt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_restore_parser(sub)
-    try:
-        from supir_rt.caption.cli import add_caption_parser
-    except ImportError:
-        pass
-    else:
-        add_caption_parser(sub)
-    from supir_rt.ui.cli import add_ui_parser  # gradio itself is imported only when the command runs
-
-    add_ui_parser(sub)
-    from supir_rt.serve.cli import add_serving_parsers  # serve, triton-repo, triton
-
-    add_serving_parsers(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # a typo after the sub-command: show that sub-command's usage, not the top-level one
-        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-        (commands.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
-    handler = _ProgressAwareHandler(sys.stderr)
-    handler.setFormatter(_LowerLevelFormatter("%(message)s"))
-    root = logging.getLogger("supir_rt")
-    saved = root.handlers[:], root.level, root.propagate
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    root.propagate = False
-    try:
-        return args.func(args)
-    finally:  # the CLI's logging lasts as long as the command: embedding processes keep theirs
-        root.handlers[:], root.propagate = saved[0], saved[2]
-        root.setLevel(saved[1])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    report_error(err, SETTING_FLAGS)

@@ -1,0 +1,211 @@
+"""Opening the five engines a `Restorer` runs: from the official checkpoints (torch backend, with the
+memory placement, fp8 weights and torch.compile options), from exported engines (onnxruntime, tensorrt),
+or from the tiny configuration with random weights. Errors the user can fix are `SetupError`s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from supir_rt.backends import Engine, open_engines
+from supir_rt.config import ModelConfig
+from supir_rt.errors import SetupError
+
+log = logging.getLogger("supir_rt.api")
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SDXL_FILE = "sd_xl_base_1.0_0.9vae.safetensors"
+SUPIR_FILES = {"Q": "SUPIR-v0Q.ckpt", "F": "SUPIR-v0F.ckpt"}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise SetupError(f"dtype {name}: choose fp32, fp16 or bf16")
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise SetupError(f"dtype {name!r}: choose one of {', '.join(DTYPES)}") from None
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise SetupError(f"device {device!r} is not a device name ({err}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SetupError(f"device {device!r}: this machine has no CUDA GPU (or torch was built without CUDA); use --device cpu")
+    return dev
+
+
+def _warn_precision(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type == "cpu" and dtype == torch.float16:
+        log.warning("fp16 on CPU is very slow (about 70x slower than fp32 in PyTorch); use --dtype fp32 on CPU")
+
+
+def _memory_plan(device: torch.device, dtype: torch.dtype, vae_dtype: str | None, offload: bool | None):
+    """The torch backend's placement: UNet + adaptor in ``dtype`` resident; on CUDA the VAE (bf16 by
+    default; never fp16, it overflows) and the text encoders (fp16) visit the GPU only while they run."""
+    from supir_rt.backends.placement import MemoryPlan
+
+    try:
+        return MemoryPlan.for_device(device, diffusion_dtype=dtype, offload=offload,
+                                     vae_dtype=parse_dtype(vae_dtype) if vae_dtype else None)
+    except ValueError as err:
+        raise SetupError(f"--vae-dtype {vae_dtype}: {err}") from None
+
+
+def _check_fp8(device: torch.device) -> None:
+    from supir_rt.backends.fp8 import fp8_unsupported_reason
+
+    reason = fp8_unsupported_reason(device)
+    if reason:
+        raise SetupError(reason)
+
+
+@contextlib.contextmanager
+def _loading_memory(plan: Any, model_config: ModelConfig):
+    """A CUDA out-of-memory error while placing or loading the weights, as one clear SetupError."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        from supir_rt.model.supir import build_model
+
+        need = plan.weight_bytes(build_model(model_config, device="meta"))
+        raise SetupError(
+            f"the GPU ran out of memory while loading the weights: the plan keeps {need['device'] / 2**30:.1f} GiB "
+            f"of weights on {plan.device} and needs {need['device_peak'] / 2**30:.1f} GiB while the largest "
+            "offloaded network runs. Use --fp8-weights (Ada/Hopper GPUs), keep offloading on, or a GPU with "
+            "more memory"
+        ) from None
+
+
+def _loading_plan(plan: Any, fp8_weights: bool) -> Any:
+    """Where to load the weights: the plan itself, except that with fp8 weights the UNet + adaptor is
+    loaded on the host (fp16, unpinned: host RAM then holds about the fp16 weights, 1.0x) and quantised
+    there before it goes to the GPU, so a GPU that fits the fp8 UNet but not the fp16 one can load it."""
+    from supir_rt.backends.placement import MemoryPlan, NetworkPlacement
+
+    if not fp8_weights or plan.device.type == "cpu":
+        return plan
+    unet = plan.networks["unet_adaptor"]
+    return MemoryPlan(plan.device, {**plan.networks, "unet_adaptor": NetworkPlacement(unet.dtype, resident=False)})
+
+
+def _quantize_and_place(model: torch.nn.Module, plan: Any) -> None:
+    from supir_rt.backends.fp8 import quantize_fp8_
+
+    from supir_rt.backends.placement import NETWORK_PARTS, pin_host_memory
+
+    quantize_fp8_(model.model)
+    model.model.to(plan.home("unet_adaptor"))  # a device move only: a dtype cast would upcast the fp8 buffers
+    if plan.device.type == "cuda":
+        for name, parts in NETWORK_PARTS.items():
+            if not plan.networks[name].resident:
+                for part in parts:
+                    pin_host_memory(model.get_submodule(part))
+
+
+def _open_torch(model: torch.nn.Module, plan: Any, options: Any, fp8_weights: bool) -> dict[str, Engine]:
+    if fp8_weights:
+        from supir_rt.backends.fp8 import quantize_fp8_
+
+        quantize_fp8_(model.model)  # after every cast: the fp8 buffers must not be upcast again
+    return open_engines("torch", model=model, plan=plan, options=options)
+
+
+def _torch_description(plan: Any, options: Any, fp8_weights: bool) -> dict[str, Any]:
+    """What the outputs' metadata records about the torch backend's precision and speed options."""
+    def name(dt: torch.dtype) -> str:
+        return next(k for k, v in DTYPES.items() if v == dt)
+
+    desc = {"vae_dtype": name(plan.networks["vae_decoder"].dtype),
+            "text_dtype": name(plan.networks["text_encoders"].dtype),
+            "offload": not plan.networks["vae_decoder"].resident}
+    if fp8_weights:
+        desc["fp8_weights"] = True
+    if options is not None and options.compile:
+        desc["compile"] = options.compile_mode
+    return desc
+
+
+def tiny_engines_cache() -> Path:
+    """Where ``tiny_random`` exports its ONNX engines when no folder is given (reused across runs)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "supir-rt" / "tiny-random-engines"
+
+
+def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | torch.device,
+                  config: ModelConfig | None = None, dtype: str | None = None) -> str:
+    """``auto``: the torch backend when there are no exported engines, else the fastest available whose
+    artifacts in `engines_dir` are usable here (TensorRT only with valid plans for this GPU)."""
+    from supir_rt.backends import available_backends, resolve_backend
+
+    if backend == "auto" and engines_dir is None:
+        return "torch"
+    artifacts = (None if engines_dir is None or config is None or dtype is None
+                 else {"artifact_dir": engines_dir, "config": config, "precision": dtype})
+    try:
+        return resolve_backend(backend, needs_artifacts=engines_dir is not None, artifacts=artifacts)
+    except (RuntimeError, ValueError) as err:
+        status = available_backends()
+        usable = ", ".join(name for name, reason in status.items() if reason is None)
+        if status.get(backend) is not None:
+            raise SetupError(f"--backend {backend} is not available here ({status[backend]}); "
+                             f"usable here: {usable}") from None
+        if backend != "auto" and backend not in status:
+            raise SetupError(f"--backend {backend}: unknown backend; usable here: {usable}") from None
+        raise SetupError(f"--backend {backend}: {err}") from None
+
+
+def _check_engine_dtype(dtype: str) -> None:
+    from supir_rt.backends.manifest import PRECISIONS
+
+    if dtype not in PRECISIONS:
+        raise SetupError(f"--dtype {dtype}: exported engines are built as {' or '.join(PRECISIONS)}; "
+                         f"pass --dtype {PRECISIONS[0]} or --dtype {PRECISIONS[1]} with an engine backend")
+
+
+def _refuse_foreign_engines(engines_dir: Path, config: ModelConfig) -> None:
+    """`tiny_random` exports into ``engines_dir``, replacing what does not match: refuse a folder that
+    holds engines of another model (e.g. built from the real checkpoints) instead of overwriting them."""
+    import json
+
+    for manifest in sorted(engines_dir.glob("*.json")) if engines_dir.is_dir() else ():
+        try:
+            name = json.loads(manifest.read_text()).get("config_name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name is not None and name != config.name:
+            raise SetupError(
+                f"--engines-dir {engines_dir} holds engines of the {name!r} model ({manifest.name}); "
+                f"--tiny-random would overwrite them: give it another --engines-dir, or drop --tiny-random"
+            )
+
+
+def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str | Path | None,
+                           dtype: str) -> dict[str, Engine]:
+    if engines_dir is None:
+        raise SetupError(
+            f"backend {backend!r} runs exported engines: pass --engines-dir DIR (build them with "
+            "python export/build_engines.py), or use --backend torch with the checkpoint files"
+        )
+    if not Path(engines_dir).is_dir():
+        raise SetupError(f"engines folder {engines_dir} does not exist; build the engines first or fix --engines-dir")
+    from supir_rt.backends.manifest import ArtifactError
+
+    _check_engine_dtype(dtype)
+    try:
+        return open_engines(backend, config=config, artifact_dir=engines_dir, precision=dtype)
+    except ArtifactError as err:  # missing, stale or foreign artifacts: the message names the fix
+        raise SetupError(f"--engines-dir {engines_dir}: {err}") from None
+
+
+__all__ = ["DTYPES", "SDXL_FILE", "SUPIR_FILES", "SetupError", "check_device", "parse_dtype", "tiny_engines_cache"]
