@@ -406,12 +406,11 @@ def make_captioner_from_args(args: argparse.Namespace) -> Any:
 
 
 def build_restorer(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any:
-    import torch
-
+    from supir_rt import cuda_runtime
     from supir_rt.api import Restorer
 
     rt = file_cfg.get("runtime", {})
-    device = args.device or rt.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or rt.get("device") or ("cuda" if cuda_runtime.is_available() else "cpu")
     dtype = args.dtype or rt.get("dtype") or ("fp16" if str(device).startswith("cuda") else "fp32")
     backend = args.backend or rt.get("backend") or "auto"
     engines_dir = args.engines_dir or rt.get("engines_dir")

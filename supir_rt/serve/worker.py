@@ -45,11 +45,10 @@ class RuntimeOptions:
 
 def build_restorer(options: RuntimeOptions, limits: Limits) -> Any:
     """The `Restorer` for ``options`` (engines opened once; call from the process that serves)."""
-    import torch
-
+    from supir_rt import cuda_runtime
     from supir_rt.api import Restorer, SetupError
 
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = options.device or ("cuda" if cuda_runtime.is_available() else "cpu")
     dtype = options.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     kwargs: dict[str, Any] = {"max_pixels": limits.max_image_pixels,
                               "max_processing_pixels": limits.max_processing_pixels}
