@@ -36,13 +36,28 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def check_device(device: str | torch.device) -> torch.device:
+    """The device to compute on, normalised (``cuda`` -> ``cuda:N`` of the current GPU); a device this
+    machine or this PyTorch build does not have is refused with one line, before any weights are loaded."""
+    from supir_rt import cuda_runtime
+
     try:
         dev = torch.device(device)
     except RuntimeError as err:
         raise SetupError(f"device {device!r} is not a device name ({err}); use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SetupError(f"device {device!r}: this machine has no CUDA GPU (or torch was built without CUDA); use --device cpu")
-    return dev
+    if dev.type not in ("cpu", "cuda"):
+        raise SetupError(f"device {device!r}: supir-rt runs on cpu or cuda[:N]")
+    if dev.type == "cuda":
+        if not cuda_runtime.built_with_cuda():
+            raise SetupError(f"device {device!r}: this PyTorch ({torch.__version__}) is a CPU-only build; install a "
+                             "CUDA build of torch (pytorch.org/get-started) or use --device cpu")
+        count = cuda_runtime.device_count()
+        if count == 0:
+            raise SetupError(f"device {device!r}: this machine has no usable CUDA GPU (no driver or no device); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise SetupError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0"
+                             f"{f' to cuda:{count - 1}' if count > 1 else ''}; pick one of those")
+    return cuda_runtime.normalize_device(dev)
 
 
 def _warn_precision(device: torch.device, dtype: torch.dtype) -> None:

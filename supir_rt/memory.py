@@ -1,7 +1,8 @@
 """The memory policy: whether a restore runs tiled, from an estimate of its peak working memory.
 
 ``tiling = "auto"`` runs each part untiled while its estimated peak memory fits the budget
-(``max_memory_gb``, default: the memory the device has free now, after the model is loaded) and
+(``max_memory_gb``, default: the memory the device has free now, after the model is loaded,
+counting PyTorch's unused cache as free: `available_memory`) and
 tiled otherwise; ``"on"`` always tiles, ``"off"`` never does. The sampler (the ``unet_adaptor`` calls)
 and the VAE (DR encoder, encoder, decoder) are decided separately. The choice is logged and stored in
 the output's metadata.
@@ -15,9 +16,8 @@ device, and err on the large side:
   matrix (ONNX Runtime) add ``n × heads × tokens²`` values for the 1/2-resolution transformer;
 * a VAE pass holds about ``6 × ch`` float32 values per image pixel at full resolution (the largest
   level: the resblock input kept for the residual, the norm and conv outputs, the upsample), and the
-  mid block ``8 × ch_mult[-1] × ch`` per latent pixel; untiled, its attention also stores the
-  tokens² score matrix (ONNX Runtime, and the PyTorch reference VAE, whose q/k/v layout makes SDPA
-  take its math kernel); the tiled VAE's whole-latent attention uses the memory-efficient kernel;
+  mid block ``8 × ch_mult[-1] × ch`` per latent pixel; untiled under ONNX Runtime its attention also
+  stores the tokens² score matrix (the PyTorch VAE's SDPA takes a fused kernel that does not);
 * tiled, the same formulas apply to one tile (with its halo) plus the whole-latent part; what is left
   of the budget keeps exact-mode VAE tiles in memory between passes (`kept_tile_bytes` each), which
   saves their recomputation without changing the result.
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from supir_rt import cuda_runtime
 from supir_rt.config import ModelConfig
 from supir_rt.errors import UserError
 from supir_rt import vae_tiling
@@ -44,10 +45,14 @@ MATERIALISED_ATTENTION = ("onnxruntime", "onnxruntime-cuda")
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free on ``device`` now: CUDA free memory, or the host's MemAvailable on CPU."""
+    """Bytes a restore may use on ``device`` now (read once per restore, by `plan_tiling`): on CUDA what
+    the driver has free plus what PyTorch holds in its cache without using it (``memory_reserved −
+    memory_allocated``: the previous image's activations, a CUDA-graph pool), so identical requests get
+    the same budget however warm the cache is; on a CPU the host's MemAvailable."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        free, _ = cuda_runtime.mem_get_info(device)
+        allocated, reserved = cuda_runtime.memory_stats(device)
+        return free + max(reserved - allocated, 0)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -78,10 +83,11 @@ def vae_bytes(config: ModelConfig, height: int, width: int, *, backend: str) -> 
     vae = config.first_stage_config
     latent = (height // LATENT_FACTOR) * (width // LATENT_FACTOR)
     values = 6 * vae.ch * height * width + 8 * vae.ch_mult[-1] * vae.ch * latent
-    # The untiled mid-block attention stores the tokens x tokens scores on every backend: ONNX Runtime
-    # always, and the PyTorch reference VAE too, whose transposed q/k/v views make SDPA fall back to
-    # its math kernel (measured: 2.3 GB at 16k tokens on CPU). The tiled VAE avoids it.
-    values += latent * latent
+    # The untiled mid-block attention stores the tokens x tokens scores only where the kernel does:
+    # ONNX Runtime's attention. The PyTorch VAE feeds SDPA dense (B, HW, C) rows, so it takes a fused
+    # kernel (CUDA: flash / memory-efficient; CPU: flash) that never holds the scores.
+    if backend in MATERIALISED_ATTENTION:
+        values += latent * latent
     return values * 4
 
 

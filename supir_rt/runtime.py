@@ -247,11 +247,10 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
     """The `Restorer` for ``options`` (engines opened once; call it in the process that restores).
     ``restorer_kwargs`` go to the `Restorer` (captioner, limits, progress); with
     ``options.captioner == "llava"`` and no captioner given, LLaVA is loaded from ``llava_dir``."""
-    import torch
-
+    from supir_rt import cuda_runtime
     from supir_rt.api import Restorer
 
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = options.device or ("cuda" if cuda_runtime.is_available() else "cpu")
     dtype = options.dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
     backend, engines_dir = options.backend, options.engines_dir
     given = options.torch_flags()

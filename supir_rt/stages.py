@@ -356,13 +356,18 @@ def resolve_seed(seed: int) -> int:
 
 def noise_source(seed: int, device: str) -> NoiseSource:
     """The run's `NoiseSource`, with a clear error for a noise device this machine does not have."""
+    from supir_rt import cuda_runtime
+
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise SettingError("noise_device", device, "not a device name; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and not cuda_runtime.is_available():
         raise SettingError("noise_device", device, "this machine has no CUDA GPU; use cpu")
-    return NoiseSource(seed, device=dev)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= cuda_runtime.device_count():
+        raise SettingError("noise_device", device, f"this machine has {cuda_runtime.device_count()} CUDA GPU(s); "
+                           "use cuda (the current one) or cpu")
+    return NoiseSource(seed, device=cuda_runtime.normalize_device(dev))
 
 
 def captioner_needs_image(captioner: Any) -> bool:

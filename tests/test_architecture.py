@@ -21,7 +21,7 @@ MAX_LINES = 450
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["supir_rt.errors", "supir_rt.config", "supir_rt.restore_config", "supir_rt.progress",
                     "supir_rt.images", "supir_rt.tokenizer", "supir_rt.schedule", "supir_rt.noise",
-                    "supir_rt.colorfix"]),
+                    "supir_rt.colorfix", "supir_rt.cuda_runtime"]),
     ("model", ["supir_rt.model", "supir_rt.weights", "supir_rt.caption"]),
     ("engines", ["supir_rt.backends", "supir_rt.denoiser", "supir_rt.sampler"]),
     ("tiling", ["supir_rt.tiling"]),
