@@ -36,7 +36,7 @@ from supir_rt.loading import (  # noqa: F401 - SDXL_FILE, SUPIR_FILES, parse_dty
     _memory_plan, _open_artifact_engines, _open_torch, _pick_backend, _quantize_and_place, _refuse_foreign_engines,
     _torch_description, _warn_precision, check_device, parse_dtype, tiny_engines_cache,
 )
-from supir_rt.memory import TilingError, TilingPlan
+from supir_rt.tiling.policy import TilingError, TilingPlan
 from supir_rt.pipeline import Pipeline, Request, RestoreResult
 from supir_rt.progress import Progress, phase
 from supir_rt.progress import active as active_progress

@@ -29,7 +29,7 @@ from supir_rt.backends import NETWORKS, Engine
 from supir_rt.caption import check_truncation, join_prompt
 from supir_rt.colorfix import color_fix
 from supir_rt.config import ModelConfig
-from supir_rt.memory import TilingPlan, plan_tiling
+from supir_rt.backends.tiled_vae import tiled_vae_engines, torch_vae
 from supir_rt.progress import active as active_progress
 from supir_rt.progress import phase
 from supir_rt.restore_config import PER_REQUEST_FIELDS, RestoreConfig
@@ -39,7 +39,7 @@ from supir_rt.stages import (  # noqa: F401 - re-exported: the stages were part 
     decode, encode_prompt, encode_x_center, engine_network, ignored_settings, needs_x_center, noise_source,
     postprocess, prepare_condition, preprocess, processing_sizes, resolve_seed, sample, snap, stage1,
 )
-from supir_rt.vae_tiling import tiled_vae_engines, torch_vae
+from supir_rt.tiling.policy import TilingPlan, TilingSettings, plan_tiling
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +128,12 @@ class Pipeline:
         self._prompt_cache_size = prompt_cache_size
 
     def plan_tiling(self, sizes: Sizes, config: RestoreConfig) -> TilingPlan:
-        """The tiling of a restore at ``sizes`` (`supir_rt.memory.plan_tiling`): raises `TilingError` for
+        """The tiling of a restore at ``sizes`` (`supir_rt.tiling.policy.plan_tiling`): raises `TilingError` for
         settings that cannot work, before any work is done."""
         unet = self.engines["unet_adaptor"]
         dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(unet.dtype, "fp32")
-        return plan_tiling(
-            self.model_config, sizes.processing, tiling=config.tiling, tile_size=config.tile_size,
-            tile_stride=config.tile_stride, tile_batch=config.tile_batch, vae_tile_size=config.vae_tile_size,
-            vae_tiling_mode=config.vae_tiling, max_memory_gb=config.max_memory_gb, device=self.device, dtype=dtype,
-            backend=unet.backend, vae_tiling_available=torch_vae(self.engines) is not None,
-            default_tile_size=RestoreConfig.tile_size,
-        )
+        return plan_tiling(self.model_config, sizes.processing, TilingSettings.of(config), device=self.device,
+                           dtype=dtype, backend=unet.backend, vae_tiling_available=torch_vae(self.engines) is not None)
 
     def embed(self, prompt: str) -> dict[str, torch.Tensor]:
         """Text conditioning of one prompt, computed once and cached."""

@@ -46,7 +46,7 @@ from supir_rt.errors import SettingError, UserError
 from supir_rt.model.text import size_vector
 from supir_rt.model.vae import DiagonalGaussian
 from supir_rt.noise import NoiseSource
-from supir_rt.memory import TilingPlan
+from supir_rt.tiling.policy import TilingPlan
 from supir_rt.restore_config import RestoreConfig
 from supir_rt.sampler import StepInfo, initial_latent, sample_dpmpp_2m_sde, sample_restore_edm
 from supir_rt.schedule import dpmpp_sigmas, legacy_ddpm_sigmas, restore_sigmas

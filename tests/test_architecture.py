@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                     "supir_rt.colorfix", "supir_rt.cuda_runtime"]),
     ("model", ["supir_rt.model", "supir_rt.weights", "supir_rt.caption"]),
     ("engines", ["supir_rt.backends", "supir_rt.denoiser", "supir_rt.sampler"]),
-    ("tiling", ["supir_rt.tiling"]),
+    ("tiling", ["supir_rt.tiling", "supir_rt.backends.tiled_vae"]),
     ("pipeline", ["supir_rt.stages", "supir_rt.pipeline", "supir_rt.batching"]),
     ("api", ["supir_rt.loading", "supir_rt.api"]),
     ("runtime", ["supir_rt.runtime"]),

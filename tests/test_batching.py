@@ -118,7 +118,7 @@ def test_the_few_step_sampler_batches(restorer):
 def test_sizes_the_memory_policy_tiles_run_alone(restorer, monkeypatch):
     """`tiling=auto` tiles when the untiled estimate exceeds the device's memory; the shared loop is untiled,
     so such a group runs request by request through the tiled path (never one untiled batch)."""
-    import supir_rt.memory as memory
+    import supir_rt.tiling.policy as memory
 
     # a device of 8 GiB on which the untiled VAE would need 9 GiB: the policy tiles the VAE
     monkeypatch.setattr(memory, "available_memory", lambda device: 8 * memory.GiB)

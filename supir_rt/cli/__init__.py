@@ -24,7 +24,7 @@ from typing import Any
 _MOVED = {
     **{name: "supir_rt.cli.restore" for name in (
         "DEFAULT_OUTPUT_DIR", "RESTORE_EXAMPLES", "SETTING_FLAGS", "Job", "add_restore_parser", "collect_inputs",
-        "make_captioner_from_args", "plan_jobs", "restore_config_from_args", "restorer_from_args", "run_restore")},
+        "make_captioner_from_args", "plan_jobs", "restore_config_from_args", "build_restorer", "run_restore")},
     **{name: "supir_rt.runtime" for name in (
         "ENV_CONFIG", "ENV_SDXL", "ENV_SUPIR", "ENV_WEIGHTS_DIR", "TINY_DEFAULTS", "WeightPaths",
         "WeightsNotFoundError", "add_runtime_options", "default_config_path", "default_weights_dir",

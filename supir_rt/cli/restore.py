@@ -18,9 +18,8 @@ from typing import Any
 from supir_rt.errors import SettingError, SetupError, UserError
 from supir_rt.images import OUTPUT_FORMATS, ImageError, check_output_path, check_writable_folder, is_image_file
 from supir_rt.progress import Progress
-from supir_rt.runtime import (
-    TINY_DEFAULTS, add_runtime_options, build_restorer, options_from_args, read_config_file, report_error,
-)
+from supir_rt import runtime
+from supir_rt.runtime import TINY_DEFAULTS, add_runtime_options, options_from_args, read_config_file, report_error
 from supir_rt.restore_config import (
     RESTORE_PRESETS, SAMPLERS, TILINGS, VAE_TILING_MODES, RestoreConfig, normalise_color_fix, restore_preset,
 )
@@ -263,13 +262,13 @@ def make_captioner_from_args(args: argparse.Namespace) -> Any:
     return make_captioner(kind)
 
 
-def restorer_from_args(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any:
+def build_restorer(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any:
     """The `Restorer` the restore flags ask for (`supir_rt.runtime.build_restorer`)."""
     # progress: the command activates its own `Progress` (run_restore), the Restorer adds none
     kwargs: dict[str, Any] = {"progress": False, "captioner": make_captioner_from_args(args)}
     if args.max_pixels is not None:
         kwargs["max_pixels"] = args.max_pixels
-    return build_restorer(options_from_args(args, file_cfg), **kwargs)
+    return runtime.build_restorer(options_from_args(args, file_cfg), **kwargs)
 
 
 def run_restore(args: argparse.Namespace) -> int:
@@ -297,7 +296,7 @@ def _restore_all(args: argparse.Namespace, progress: Progress) -> int:
                 f"(steps {config.num_steps}, min-size {config.min_size})."
             )
         with progress.phase("load"):
-            restorer = restorer_from_args(args, file_cfg)
+            restorer = build_restorer(args, file_cfg)
     except UserError as err:
         if args.debug:
             raise

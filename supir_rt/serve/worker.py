@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from supir_rt.errors import SettingError
 from supir_rt.images import ImageError, LoadedImage
 from supir_rt.restore_config import RestoreConfig
 from supir_rt.runtime import RuntimeOptions
+from supir_rt.sampler import StepInfo
 from supir_rt.serve.protocol import Limits, RequestError, encode_png
 from supir_rt.stages import NonFiniteOutputError
 
@@ -61,9 +62,13 @@ class Outcome:
 class RestoreWorker:
     """Loads the runtime once; `run` restores a list of jobs, sharing the sampler loop where it can."""
 
-    def __init__(self, options: RuntimeOptions, limits: Limits = Limits(), *, max_batch_size: int = 4) -> None:
+    def __init__(self, options: RuntimeOptions, limits: Limits = Limits(), *, max_batch_size: int = 4,
+                 restorer: Any = None, on_step: Callable[[StepInfo], None] | None = None) -> None:
+        """``restorer``: an already loaded `Restorer` to serve (default: load one from ``options``);
+        ``on_step``: called after every sampler step of every batch (a liveness signal for the server)."""
         self.options, self.limits, self.max_batch_size = options, limits, max_batch_size
-        self.restorer = build_restorer(options, limits)
+        self.restorer = restorer if restorer is not None else build_restorer(options, limits)
+        self.on_step = on_step
 
     @property
     def device(self) -> str:
@@ -122,14 +127,14 @@ class RestoreWorker:
     def _run_group(self, items: Sequence[Request], plan: RestorePlan) -> list[Restored | RequestError]:
         if len(items) > 1:
             try:
-                return list(self.restorer.restore_many(items, plan=plan))
+                return list(self.restorer.restore_many(items, plan=plan, callback=self.on_step))
             except Exception as err:  # noqa: BLE001 - isolate the request at fault by running each alone
                 log.warning("batched restore of %d requests failed (%s); running them one by one", len(items), err)
         return [self._run_one(item, plan) for item in items]
 
     def _run_one(self, item: Request, plan: RestorePlan) -> Restored | RequestError:
         try:
-            return self.restorer.restore_many([item], plan=plan)[0]
+            return self.restorer.restore_many([item], plan=plan, callback=self.on_step)[0]
         except NonFiniteOutputError as err:
             return RequestError(500, "dtype", str(err), "non_finite")
         except SettingError as err:

@@ -127,7 +127,7 @@ class FakeCuda:
     def __enter__(self) -> FakeCuda:
         import supir_rt.backends as backends
         import supir_rt.cuda_runtime as rt
-        import supir_rt.vae_tiling as vae_tiling
+        import supir_rt.backends.tiled_vae as vae_tiling
 
         if torch.version.cuda is None:
             raise RuntimeError("the fake-CUDA layer needs the CUDA build of PyTorch (it imports without a GPU)")

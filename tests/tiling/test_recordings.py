@@ -54,7 +54,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", list(RECORDER.CASES))
 def test_tiled_restore_matches_the_recording(name, recorded, pipeline, monkeypatch):
     import supir_rt.pipeline as pipeline_module
-    from supir_rt.memory import TilingPlan
+    from supir_rt.tiling.policy import TilingPlan
     from supir_rt.restore_config import RestoreConfig
 
     captured = {}

@@ -28,14 +28,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from supir_rt import cuda_runtime
 from supir_rt.config import ModelConfig
 from supir_rt.errors import UserError
-from supir_rt import vae_tiling
-from supir_rt.tiling import LATENT_FACTOR, plan_sampler_tiles, tiles_per_axis
+from supir_rt.tiling import vae as vae_tiling
+from supir_rt.tiling.windows import LATENT_FACTOR, plan_sampler_tiles, tiles_per_axis
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +151,37 @@ class TilingError(UserError):
     """A tiling setting cannot work for this image or budget; the message names the option and a fix."""
 
 
+@dataclass(frozen=True)
+class TilingSettings:
+    """The tiling settings of one restore: the tiling fields of `RestoreConfig` (same names and defaults;
+    ``mode`` is its ``tiling``, ``vae_tiling_mode`` its ``vae_tiling``)."""
+
+    mode: str = "auto"
+    tile_size: int = 1024  # image px
+    tile_stride: int = 512
+    tile_batch: int = 1
+    vae_tile_size: int = vae_tiling.DEFAULT_VAE_TILE_PX
+    vae_tiling_mode: str = "exact"
+    max_memory_gb: float | None = None
+
+    @classmethod
+    def of(cls, config: Any) -> TilingSettings:
+        """The tiling settings of a `RestoreConfig`."""
+        return cls(mode=config.tiling, tile_size=config.tile_size, tile_stride=config.tile_stride,
+                   tile_batch=config.tile_batch, vae_tile_size=config.vae_tile_size,
+                   vae_tiling_mode=config.vae_tiling, max_memory_gb=config.max_memory_gb)
+
+
 def plan_tiling(
-    config: ModelConfig, processing: tuple[int, int], *, tiling: str, tile_size: int, tile_stride: int,
-    tile_batch: int, vae_tile_size: int, vae_tiling_mode: str, max_memory_gb: float | None, device: torch.device,
-    dtype: str, backend: str, vae_tiling_available: bool = True, default_tile_size: int | None = None,
+    config: ModelConfig, processing: tuple[int, int], settings: TilingSettings, *, device: torch.device,
+    dtype: str, backend: str, vae_tiling_available: bool = True,
 ) -> TilingPlan:
-    """Decide the tiling of one restore at ``processing`` = (W, H) px; raises `TilingError` for settings
-    that cannot work (tile larger than the image, budget too small for one tile, tiled VAE unavailable)."""
+    """Decide the tiling of one restore at ``processing`` = (W, H) px with ``settings`` on ``device``
+    (``dtype`` and ``backend`` of the diffusion engine); raises `TilingError` for settings that cannot
+    work (tile larger than the image, budget too small for one tile, tiled VAE unavailable)."""
+    tiling, tile_size, tile_stride, tile_batch = settings.mode, settings.tile_size, settings.tile_stride, settings.tile_batch
+    vae_tile_size, vae_tiling_mode, max_memory_gb = settings.vae_tile_size, settings.vae_tiling_mode, settings.max_memory_gb
+    default_tile_size = TilingSettings.tile_size
     width, height = processing
     h, w = height // LATENT_FACTOR, width // LATENT_FACTOR
     budget = int(max_memory_gb * GiB) if max_memory_gb is not None else available_memory(device)
@@ -215,5 +240,5 @@ def plan_tiling(
     )
 
 
-__all__ = ["GiB", "TilingError", "TilingPlan", "available_memory", "kept_tile_bytes", "plan_tiling", "tiled_vae_bytes", "unet_bytes",
+__all__ = ["GiB", "TilingError", "TilingPlan", "TilingSettings", "available_memory", "kept_tile_bytes", "plan_tiling", "tiled_vae_bytes", "unet_bytes",
            "vae_bytes"]

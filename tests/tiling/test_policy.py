@@ -14,17 +14,14 @@ from PIL import Image
 from supir_rt.cli import main
 from supir_rt.config import ModelConfig
 from supir_rt.errors import SettingError
-from supir_rt.memory import TilingError, plan_tiling, unet_bytes, vae_bytes
+from supir_rt.tiling.policy import TilingError, TilingSettings, plan_tiling, unet_bytes, vae_bytes
 from supir_rt.restore_config import RestoreConfig
 
 
 def _plan(processing=(2048, 1536), dtype="fp16", **overrides):
     cfg = RestoreConfig(**overrides)
-    return plan_tiling(
-        ModelConfig.official(), processing, tiling=cfg.tiling, tile_size=cfg.tile_size, tile_stride=cfg.tile_stride,
-        tile_batch=cfg.tile_batch, vae_tile_size=cfg.vae_tile_size, vae_tiling_mode=cfg.vae_tiling,
-        max_memory_gb=cfg.max_memory_gb, device=torch.device("cpu"), dtype=dtype, backend="torch",
-        default_tile_size=RestoreConfig.tile_size)
+    return plan_tiling(ModelConfig.official(), processing, TilingSettings.of(cfg), device=torch.device("cpu"),
+                       dtype=dtype, backend="torch")
 
 
 def test_auto_tiles_only_what_does_not_fit():
@@ -69,8 +66,7 @@ def test_tile_larger_than_image():
 
 def test_engine_backend_cannot_tile_the_vae():
     with pytest.raises(TilingError, match="--vae-tiling none"):
-        plan_tiling(ModelConfig.official(), (2048, 2048), tiling="on", tile_size=1024, tile_stride=512, tile_batch=1,
-                    vae_tile_size=512, vae_tiling_mode="exact", max_memory_gb=None, device=torch.device("cpu"),
+        plan_tiling(ModelConfig.official(), (2048, 2048), TilingSettings(mode="on"), device=torch.device("cpu"),
                     dtype="fp32", backend="onnxruntime", vae_tiling_available=False)
 
 
@@ -163,7 +159,7 @@ def test_cli_restores_4096x3072_tiled(tmp_path):
 
 
 def test_spare_budget_keeps_exact_vae_tiles_between_passes():
-    from supir_rt.memory import kept_tile_bytes, tiled_vae_bytes
+    from supir_rt.tiling.policy import kept_tile_bytes, tiled_vae_bytes
 
     config = ModelConfig.official()
     need = tiled_vae_bytes(config, 1536, 2048, 512)
