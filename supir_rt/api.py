@@ -31,10 +31,9 @@ from supir_rt.images import (
 )
 from supir_rt.caption import check_truncation, join_prompt
 from supir_rt.errors import SetupError
-from supir_rt.loading import (  # noqa: F401 - SDXL_FILE, SUPIR_FILES, parse_dtype, check_device: public here too
-    DTYPES, SDXL_FILE, SUPIR_FILES, _check_engine_dtype, _check_fp8, _loading_memory, _loading_plan,
-    _memory_plan, _open_artifact_engines, _open_torch, _pick_backend, _quantize_and_place, _refuse_foreign_engines,
-    _torch_description, _warn_precision, check_device, parse_dtype, tiny_engines_cache,
+from supir_rt.loading import (  # noqa: F401 - DTYPES, SDXL_FILE, SUPIR_FILES, parse_dtype, check_device: public here too
+    DTYPES, SDXL_FILE, SUPIR_FILES, check_device, open_checkpoint_engines, open_exported_engines, open_tiny_engines,
+    parse_dtype,
 )
 from supir_rt.tiling.policy import TilingError, TilingPlan
 from supir_rt.pipeline import Pipeline, Request, RestoreResult
@@ -98,103 +97,34 @@ class Restorer:
     # ---------------------------------------------------------------------------------- construction
 
     @classmethod
-    def from_weights(
-        cls, sdxl: str | Path, supir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
-        backend: str = "torch", engines_dir: str | Path | None = None, config: ModelConfig | None = None,
-        vae_dtype: str | None = None, offload: bool | None = None, fp8_weights: bool = False,
-        torch_options: Any = None, **kwargs: Any,
-    ) -> Restorer:
-        """Load the official SDXL base + SUPIR-v0Q/v0F checkpoints (torch backend), or open exported
-        engines from ``engines_dir`` (onnxruntime/tensorrt backends, which need no PyTorch model).
-
-        Torch backend only: ``vae_dtype`` (bf16 on CUDA, fp32 on CPU by default; fp16 is refused),
-        ``offload`` (None: on CUDA, the VAE and text encoders visit the GPU only while they run),
-        ``fp8_weights`` (UNet + adaptor weights stored in fp8, GPUs with compute capability 8.9+),
-        ``torch_options`` (`supir_rt.backends.torch_backend.TorchOptions`: compile, CUDA graphs)."""
-        config = config or ModelConfig.official()
-        backend = _pick_backend(backend, engines_dir, device, config, dtype)
-        desc = {"backend": backend, "dtype": dtype, "device": str(device), "model": config.name,
-                "sdxl": Path(sdxl).name if sdxl else None, "supir": Path(supir).name if supir else None}
-        if backend.startswith("torch"):
-            from supir_rt.backends.placement import build_placed_model
-            from supir_rt.weights import load_checkpoints
-
-            dev, dt = check_device(device), parse_dtype(dtype)
-            _warn_precision(dev, dt)
-            plan = _memory_plan(dev, dt, vae_dtype, offload)
-            if fp8_weights:
-                _check_fp8(dev)
-            with _loading_memory(plan, config):
-                # each part allocated where the plan puts it, then the files streamed tensor by tensor
-                model = build_placed_model(config, _loading_plan(plan, fp8_weights), init=False,
-                                           pin=False if fp8_weights else None)
-                load_checkpoints(model, sdxl=sdxl, supir=supir)
-                if fp8_weights:  # quantised on the host, so the GPU never holds the fp16 UNet
-                    _quantize_and_place(model, plan)
-            engines = _open_torch(model, plan, torch_options, fp8_weights=False)
-            desc.update(_torch_description(plan, torch_options, fp8_weights))
-        else:
-            engines = _open_artifact_engines(backend, config, engines_dir, dtype)
+    def from_weights(cls, sdxl: str | Path, supir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
+                     backend: str = "torch", engines_dir: str | Path | None = None, config: ModelConfig | None = None,
+                     vae_dtype: str | None = None, offload: bool | None = None, fp8_weights: bool = False,
+                     torch_options: Any = None, **kwargs: Any) -> Restorer:
+        """Load the official SDXL base + SUPIR-v0Q/v0F checkpoints (`loading.open_checkpoint_engines`:
+        the torch backend's placement and speed options), or open exported engines from ``engines_dir``.
+        ``kwargs`` go to the `Restorer`."""
+        engines, config, desc = open_checkpoint_engines(
+            sdxl, supir, device=device, dtype=dtype, backend=backend, engines_dir=engines_dir, config=config,
+            vae_dtype=vae_dtype, offload=offload, fp8_weights=fp8_weights, torch_options=torch_options)
         return cls(engines, config, description=desc, **kwargs)
 
     @classmethod
     def from_engines(cls, engines_dir: str | Path, *, backend: str = "auto", dtype: str = "fp32",
                      config: ModelConfig | None = None, **kwargs: Any) -> Restorer:
-        """Open exported engines (no PyTorch model is built)."""
-        config = config or ModelConfig.official()
-        backend = _pick_backend(backend, engines_dir, "cpu", config, dtype)
-        if backend.startswith("torch"):
-            raise SetupError(
-                f"backend {backend!r} runs the PyTorch model from checkpoint files, not exported engines; "
-                "install onnxruntime (pip install 'supir-rt[onnx]') to run --engines-dir, or pass --sdxl/--supir"
-            )
-        engines = _open_artifact_engines(backend, config, engines_dir, dtype)
-        desc = {"backend": backend, "dtype": dtype, "model": config.name, "engines_dir": str(engines_dir)}
+        """Open exported engines (no PyTorch model is built; `loading.open_exported_engines`)."""
+        engines, config, desc = open_exported_engines(engines_dir, backend=backend, dtype=dtype, config=config)
         return cls(engines, config, description=desc, **kwargs)
 
     @classmethod
     def tiny_random(cls, *, seed: int = 0, device: str = "cpu", dtype: str = "fp32", backend: str = "torch",
                     engines_dir: str | Path | None = None, vae_dtype: str | None = None, offload: bool | None = None,
                     fp8_weights: bool = False, torch_options: Any = None, **kwargs: Any) -> Restorer:
-        """The whole pipeline on the tiny configuration with random weights: shows it runs end to end.
-        **The output is not a restoration** (random networks produce noise-like images)."""
-        from supir_rt.model.supir import build_model
-
-        config = ModelConfig.tiny()
-        dev, dt = check_device(device), parse_dtype(dtype)
-        _warn_precision(dev, dt)
-        # auto: torch, or with engines_dir the engine backend whose artifacts there are usable
-        backend = _pick_backend(backend, engines_dir, dev, config, dtype)
-        if backend.startswith("torch"):
-            plan = _memory_plan(dev, dt, vae_dtype, offload)
-            if fp8_weights:
-                _check_fp8(dev)
-        else:
-            _check_engine_dtype(dtype)
-            if engines_dir is not None:
-                _refuse_foreign_engines(Path(engines_dir), config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = build_model(config, device=dev)
-        desc = {"backend": backend, "dtype": dtype, "device": str(dev), "model": "tiny-random",
-                "weights_seed": seed}
-        if backend.startswith("torch"):
-            from supir_rt.backends.placement import place_model
-
-            engines = _open_torch(place_model(model, plan), plan, torch_options, fp8_weights)
-            desc.update(_torch_description(plan, torch_options, fp8_weights))
-        else:
-            try:
-                from supir_rt.backends.onnx_export import export_all
-            except ImportError:
-                raise SetupError(
-                    f"--tiny-random with --backend {backend} is not available yet: the ONNX exporter "
-                    "(supir_rt.backends.onnx_export) is not installed; use --backend torch"
-                ) from None
-            out = Path(engines_dir) if engines_dir else tiny_engines_cache()
-            export_all(model, out, precision=dtype, progress=False, reuse=True)
-            engines = _open_artifact_engines(backend, config, out, dtype)
-            desc["engines_dir"] = str(out)
+        """The whole pipeline on the tiny configuration with random weights (`loading.open_tiny_engines`):
+        shows it runs end to end. **The output is not a restoration**."""
+        engines, config, desc = open_tiny_engines(
+            seed=seed, device=device, dtype=dtype, backend=backend, engines_dir=engines_dir, vae_dtype=vae_dtype,
+            offload=offload, fp8_weights=fp8_weights, torch_options=torch_options)
         return cls(engines, config, description=desc, **kwargs)
 
     # ------------------------------------------------------------------------------------- restoring

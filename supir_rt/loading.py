@@ -223,4 +223,108 @@ def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str |
         raise SetupError(f"--engines-dir {engines_dir}: {err}") from None
 
 
-__all__ = ["DTYPES", "SDXL_FILE", "SUPIR_FILES", "SetupError", "check_device", "parse_dtype", "tiny_engines_cache"]
+
+def open_checkpoint_engines(
+    sdxl: str | Path, supir: str | Path, *, device: str = "cpu", dtype: str = "fp32", backend: str = "torch",
+    engines_dir: str | Path | None = None, config: ModelConfig | None = None, vae_dtype: str | None = None,
+    offload: bool | None = None, fp8_weights: bool = False, torch_options: Any = None,
+) -> tuple[dict[str, Engine], ModelConfig, dict[str, Any]]:
+    """Load the official SDXL base + SUPIR-v0Q/v0F checkpoints (torch backend), or open exported
+    engines from ``engines_dir`` (onnxruntime/tensorrt backends, which need no PyTorch model).
+
+    Torch backend only: ``vae_dtype`` (bf16 on CUDA, fp32 on CPU by default; fp16 is refused),
+    ``offload`` (None: on CUDA, the VAE and text encoders visit the GPU only while they run),
+    ``fp8_weights`` (UNet + adaptor weights stored in fp8, GPUs with compute capability 8.9+),
+    ``torch_options`` (`supir_rt.backends.torch_backend.TorchOptions`: compile, CUDA graphs)."""
+    config = config or ModelConfig.official()
+    backend = _pick_backend(backend, engines_dir, device, config, dtype)
+    desc = {"backend": backend, "dtype": dtype, "device": str(device), "model": config.name,
+            "sdxl": Path(sdxl).name if sdxl else None, "supir": Path(supir).name if supir else None}
+    if backend.startswith("torch"):
+        from supir_rt.backends.placement import build_placed_model
+        from supir_rt.weights import load_checkpoints
+
+        dev, dt = check_device(device), parse_dtype(dtype)
+        _warn_precision(dev, dt)
+        plan = _memory_plan(dev, dt, vae_dtype, offload)
+        if fp8_weights:
+            _check_fp8(dev)
+        with _loading_memory(plan, config):
+            # each part allocated where the plan puts it, then the files streamed tensor by tensor
+            model = build_placed_model(config, _loading_plan(plan, fp8_weights), init=False,
+                                       pin=False if fp8_weights else None)
+            load_checkpoints(model, sdxl=sdxl, supir=supir)
+            if fp8_weights:  # quantised on the host, so the GPU never holds the fp16 UNet
+                _quantize_and_place(model, plan)
+        engines = _open_torch(model, plan, torch_options, fp8_weights=False)
+        desc.update(_torch_description(plan, torch_options, fp8_weights))
+    else:
+        engines = _open_artifact_engines(backend, config, engines_dir, dtype)
+    return engines, config, desc
+
+
+def open_exported_engines(
+    engines_dir: str | Path, *, backend: str = "auto", dtype: str = "fp32", config: ModelConfig | None = None,
+) -> tuple[dict[str, Engine], ModelConfig, dict[str, Any]]:
+    """Open exported engines (no PyTorch model is built)."""
+    config = config or ModelConfig.official()
+    backend = _pick_backend(backend, engines_dir, "cpu", config, dtype)
+    if backend.startswith("torch"):
+        raise SetupError(
+            f"backend {backend!r} runs the PyTorch model from checkpoint files, not exported engines; "
+            "install onnxruntime (pip install 'supir-rt[onnx]') to run --engines-dir, or pass --sdxl/--supir"
+        )
+    engines = _open_artifact_engines(backend, config, engines_dir, dtype)
+    desc = {"backend": backend, "dtype": dtype, "model": config.name, "engines_dir": str(engines_dir)}
+    return engines, config, desc
+
+
+def open_tiny_engines(
+    *, seed: int = 0, device: str = "cpu", dtype: str = "fp32", backend: str = "torch",
+    engines_dir: str | Path | None = None, vae_dtype: str | None = None, offload: bool | None = None,
+    fp8_weights: bool = False, torch_options: Any = None,
+) -> tuple[dict[str, Engine], ModelConfig, dict[str, Any]]:
+    """The whole pipeline on the tiny configuration with random weights: shows it runs end to end.
+    **The output is not a restoration** (random networks produce noise-like images)."""
+    from supir_rt.model.supir import build_model
+
+    config = ModelConfig.tiny()
+    dev, dt = check_device(device), parse_dtype(dtype)
+    _warn_precision(dev, dt)
+    # auto: torch, or with engines_dir the engine backend whose artifacts there are usable
+    backend = _pick_backend(backend, engines_dir, dev, config, dtype)
+    if backend.startswith("torch"):
+        plan = _memory_plan(dev, dt, vae_dtype, offload)
+        if fp8_weights:
+            _check_fp8(dev)
+    else:
+        _check_engine_dtype(dtype)
+        if engines_dir is not None:
+            _refuse_foreign_engines(Path(engines_dir), config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(config, device=dev)
+    desc = {"backend": backend, "dtype": dtype, "device": str(dev), "model": "tiny-random",
+            "weights_seed": seed}
+    if backend.startswith("torch"):
+        from supir_rt.backends.placement import place_model
+
+        engines = _open_torch(place_model(model, plan), plan, torch_options, fp8_weights)
+        desc.update(_torch_description(plan, torch_options, fp8_weights))
+    else:
+        try:
+            from supir_rt.backends.onnx_export import export_all
+        except ImportError:
+            raise SetupError(
+                f"--tiny-random with --backend {backend} is not available yet: the ONNX exporter "
+                "(supir_rt.backends.onnx_export) is not installed; use --backend torch"
+            ) from None
+        out = Path(engines_dir) if engines_dir else tiny_engines_cache()
+        export_all(model, out, precision=dtype, progress=False, reuse=True)
+        engines = _open_artifact_engines(backend, config, out, dtype)
+        desc["engines_dir"] = str(out)
+    return engines, config, desc
+
+
+__all__ = ["DTYPES", "SDXL_FILE", "SUPIR_FILES", "SetupError", "check_device", "open_checkpoint_engines", "open_exported_engines",
+           "open_tiny_engines", "parse_dtype", "tiny_engines_cache"]

@@ -85,7 +85,8 @@ def test_from_weights_with_fp8_weights(tmp_path):
     planned; for a GPU the fp16 UNet is loaded on the host and quantised there (never on the GPU)."""
     from safetensors.torch import save_file
 
-    from supir_rt.api import Restorer, _loading_plan
+    from supir_rt.api import Restorer
+    from supir_rt.loading import _loading_plan
     from supir_rt.backends.fp8 import Fp8Linear
     from supir_rt.backends.placement import MemoryPlan
     from supir_rt.config import ModelConfig
