@@ -275,8 +275,8 @@ def sample_restore_edm_tiled(
             if progress is not None:
                 progress(len(group))
         if callback is not None:
-            _report_tiled(callback, denoise, k, total, sigmas, gamma, guided, restore_cfg, restore_sigma_max,
-                          x, d_next / plan.count)
+            _report_tiled(callback, denoise, k, total, sigmas, sigma_values, gamma, guided, restore_cfg,
+                          restore_sigma_max, x, d_next / plan.count)
         x = x_next / plan.count
     return x
 
@@ -336,7 +336,8 @@ def sample_dpmpp_2m_sde_tiled(
                 progress(len(group))
         blended_d = d_next / plan.count
         if callback is not None:
-            _report_tiled(callback, denoise, k, total, sigmas, 0.0, False, 0.0, OFFICIAL_SIGMA_MAX, x, blended_d)
+            _report_tiled(callback, denoise, k, total, sigmas, sigma_values, 0.0, False, 0.0, OFFICIAL_SIGMA_MAX, x,
+                          blended_d)
         x = x_next / plan.count
         if not last:
             old_denoised, h_last = blended_d, h
@@ -345,21 +346,24 @@ def sample_dpmpp_2m_sde_tiled(
 
 def _report_tiled(
     callback: Callable[[StepInfo], None], denoise: TileDenoiser, k: int, total: int, sigmas: torch.Tensor,
-    gamma: float, guided: bool, restore_cfg: float, restore_sigma_max: float, x: torch.Tensor,
-    denoised: torch.Tensor,
+    sigma_values: list[float], gamma: float, guided: bool, restore_cfg: float, restore_sigma_max: float,
+    x: torch.Tensor, denoised: torch.Tensor,
 ) -> None:
-    """One `StepInfo` per step (host reads happen only here, when a callback asked for them)."""
-    sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
+    """One `StepInfo` per step: σ values from the host list, the CFG / control scales behind its lazy
+    accessor (computed on the device, read only if the callback asks), as the untiled samplers do."""
+    sigma, sigma_next = sigma_values[k], sigma_values[k + 1]
     sigma_hat = sigma * (gamma + 1.0)
-    cfg_scale = control_scale = None
-    scales = getattr(denoise, "scales", None)
-    if scales is not None:
-        s = torch.tensor([sigma_hat]), torch.tensor([sigma])
-        cfg, cs = scales(*s)
-        cfg_scale, control_scale = float(cfg.reshape(-1)[0]), float(cs)
+    tile_scales = getattr(denoise, "scales", None)
+    scales = None
+    if tile_scales is not None:
+        sigma_t = sigmas[k:k + 1]  # (1,) on the device
+
+        def scales():
+            return tile_scales(sigma_t * (gamma + 1.0), sigma_t)
+
     k_t = (sigma / restore_sigma_max) ** restore_cfg if guided else 0.0
     callback(StepInfo(index=k, total=total, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma_hat, gamma=gamma,
-                      cfg_scale=cfg_scale, control_scale=control_scale, k_t=k_t, x=x, denoised=denoised))
+                      k_t=k_t, x=x, denoised=denoised, scales=scales))
 
 
 __all__ = [
