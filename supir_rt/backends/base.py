@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from supir_rt.backends.specs import NetworkSpec, TensorSpec, validate_feed
+from supir_rt.cuda_runtime import normalize_device
 
 @runtime_checkable
 class Engine(Protocol):
@@ -53,7 +54,8 @@ class EngineBase(abc.ABC):
 
     def __init__(self, spec: NetworkSpec, device: str | torch.device = "cpu", *, validate: bool = True,
                  float_dtype: torch.dtype | None = None) -> None:
-        self.spec, self.device, self.validate = spec, torch.device(device), validate
+        # normalised: an index-less "cuda" would never equal the "cuda:N" of the tensors it is compared with
+        self.spec, self.device, self.validate = spec, normalize_device(device), validate
         # dtype the floating-point inputs are converted to before `_run` (None: the spec's, fp32). A
         # backend that computes in another precision (a torch module in fp16) sets it; callers still
         # feed the spec's dtype.

@@ -5,6 +5,8 @@ stage functions do not change when the VAE is tiled.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -15,24 +17,30 @@ class TiledVAEEngine:
     """``dr_encoder`` / ``vae_encoder`` / ``vae_decoder`` with the engine's I/O contract, computed by the
     tiled VAE over the PyTorch `AutoencoderKL` (the same operations as `supir_rt.backends.modules`:
     quant_conv / post_quant_conv, posterior mean, scale factor, untiled around the tiled trunk). Each
-    call is a progress phase of its own (`supir_rt.progress`) counting tile passes."""
+    call is a progress phase of its own (`supir_rt.progress`) counting tile passes.
+
+    ``device`` / ``dtype`` / ``offloader`` are those of the engine it replaces: with offloading the VAE's
+    weights live on the host between calls, and the offloader gives them the device for each call."""
 
     backend = "torch-tiled"
 
     def __init__(self, name: str, spec, vae: nn.Module, scale: float, *, tile_px: int, mode: VAETiling,
-                 keep: int = 0) -> None:
+                 device: torch.device, dtype: torch.dtype, offloader=None, keep: int = 0) -> None:
         if name not in ("dr_encoder", "vae_encoder", "vae_decoder"):
             raise ValueError(f"no tiled VAE for network {name!r}")
         self.name, self.spec, self.vae, self.scale = name, spec, vae, scale
         self.tile_px, self.mode, self.keep = tile_px, mode, keep
-        p = next(vae.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype, self.offloader = device, dtype, offloader
 
     def vae_modules(self) -> tuple[nn.Module, float]:
         return self.vae, self.scale
 
-    @torch.inference_mode()
     def infer(self, feed, *, check_inputs: bool = True):
+        with self.offloader.on_device() if self.offloader is not None else contextlib.nullcontext():
+            return self._run(feed)
+
+    @torch.inference_mode()
+    def _run(self, feed):
         from supir_rt.model.vae import DiagonalGaussian
         from supir_rt.progress import phase
 
@@ -73,7 +81,9 @@ def tiled_vae_engines(engines, *, tile_px: int, mode: VAETiling, keep: int = 0) 
         raise ValueError("the tiled VAE needs the PyTorch VAE modules (backend torch); this backend runs the VAE "
                          "as one exported graph: use --vae-tiling none or --backend torch")
     vae, scale = found
-    return {name: TiledVAEEngine(name, engines[name].spec, vae, scale, tile_px=tile_px, mode=mode, keep=keep)
+    return {name: TiledVAEEngine(name, engines[name].spec, vae, scale, tile_px=tile_px, mode=mode, keep=keep,
+                                 device=engines[name].device, dtype=engines[name].dtype,
+                                 offloader=getattr(engines[name], "offloader", None))
             for name in ("dr_encoder", "vae_encoder", "vae_decoder")}
 
 

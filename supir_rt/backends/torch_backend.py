@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from supir_rt import cuda_runtime
 from supir_rt.backends.base import EngineBase
 from supir_rt.backends.registry import register_backend
 from supir_rt.backends.modules import NETWORK_MODULES
@@ -91,7 +92,8 @@ class ContractIO(nn.Module):
 
 class CompiledCall:
     """``torch.compile(fn)`` that falls back to ``fn`` for good, with one warning, if compiling fails
-    (no C++ compiler or Triton, an unsupported op, ...). Out-of-memory errors are not compile failures."""
+    (no C++ compiler or Triton, an unsupported op, ...). Out-of-memory errors are not compile failures, nor
+    is an error while a CUDA graph is being captured (`CUDAGraphCall` handles that one)."""
 
     def __init__(self, fn: Callable, name: str, *, mode: str = "default", backend: str | Callable = "inductor") -> None:
         self.eager, self.name, self.failed = fn, name, False
@@ -105,6 +107,8 @@ class CompiledCall:
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly instead
+                if cuda_runtime.is_capturing():
+                    raise  # inside a CUDA-graph capture: the capture is broken, an eager call would be captured too
                 first = (str(err).strip().splitlines() or [""])[0][:300]
                 log.warning("torch.compile failed for %s (%s: %s); running it without compilation",
                             self.name, type(err).__name__, first)
@@ -126,7 +130,7 @@ class CUDAGraphCall:
     def __init__(self, fn: Callable, name: str, dtype: torch.dtype, *, warmup: int = 2,
                  channels_last: bool = False, graph_factory: Callable | None = None) -> None:
         self.fn, self.name, self.dtype, self.warmup, self.channels_last = fn, name, dtype, warmup, channels_last
-        self.graph_factory = graph_factory or _capture_cuda_graph
+        self.graph_factory = graph_factory or (lambda fn, static: cuda_runtime.capture_graph(fn, static))
         self.failed = False
         self.replays = 0
         self._reset(None)
@@ -157,8 +161,8 @@ class CUDAGraphCall:
                             type(err).__name__, (str(err).strip().splitlines() or [""])[0][:300])
                 self.failed = True
                 self._reset(None)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                if cuda_runtime.is_available():
+                    cuda_runtime.empty_cache()
                 return None
         else:
             self._load(args)
@@ -184,19 +188,6 @@ def _unchanged(t: torch.Tensor, ref: weakref.ref, version: int) -> bool:
     """Whether ``t`` is the very tensor seen before (still alive, so no other tensor can have its
     identity) and has not been modified in place since (its version counter has not moved)."""
     return ref() is t and not t.is_inference() and t._version == version
-
-
-def _capture_cuda_graph(fn: Callable, static: list[torch.Tensor]):
-    """One warm-up call on a side stream, then a captured call; returns (replay, static outputs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(*static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(*static)
-    return graph.replay, out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,7 +252,7 @@ class TorchEngine(EngineBase):
     @torch.no_grad()  # not inference_mode: outputs keep version counters, so callers' reuse stays cacheable
     def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = [feed[s.name] for s in self.spec.inputs]
-        with _out_of_memory_as_error(self.spec.name, args), (self.offloader.on_device() if self.offloader
+        with _out_of_memory_as_error(self.spec.name, args, self.device), (self.offloader.on_device() if self.offloader
                                                              else contextlib.nullcontext()):
             outs = self.graphs(args) if self.graphs is not None else None
             if outs is None:
@@ -275,16 +266,16 @@ class TorchEngine(EngineBase):
 
 
 @contextlib.contextmanager
-def _out_of_memory_as_error(network: str, args: Sequence[torch.Tensor]):
+def _out_of_memory_as_error(network: str, args: Sequence[torch.Tensor], device: torch.device):
     try:
         yield
     except torch.OutOfMemoryError:
         shapes = ", ".join("x".join(map(str, a.shape)) for a in args if a.dim() >= 3)
         free = ""
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            got, total = torch.cuda.mem_get_info()
-            free = f" ({got / 2**30:.1f} of {total / 2**30:.1f} GiB free after the failure)"
+        if device.type == "cuda" and cuda_runtime.is_available():
+            cuda_runtime.empty_cache()
+            got, total = cuda_runtime.mem_get_info(device)  # the engine's GPU, not the current one
+            free = f" ({got / 2**30:.1f} of {total / 2**30:.1f} GiB free on {device} after the failure)"
         raise DeviceMemoryError(
             f"the GPU ran out of memory in {PHASES.get(network, network)} ({network}, inputs {shapes}){free}. "
             f"Nothing was written. To fit: {OOM_ADVICE.get(network, 'lower the processing size')}"

@@ -113,6 +113,7 @@ class FakeCuda:
     host_reads: list[str] = field(default_factory=list)  # host reads of CUDA tensors (all, with where)
     violations: list[str] = field(default_factory=list)
     in_sampler_loop: bool = False
+    watch_loop: bool = True  # False: no sampler-loop tracking (scripts that call the UNet engine directly)
     raise_on_violation: bool = True
     capturing: bool = False
     captures: int = 0
@@ -195,7 +196,7 @@ class FakeCuda:
         fake = self
 
         def watched(engine, feed):
-            fake.in_sampler_loop = engine.spec.name == "unet_adaptor" if hasattr(engine, "spec") else False
+            fake.in_sampler_loop = fake.watch_loop and getattr(getattr(engine, "spec", None), "name", "") == "unet_adaptor"
             return infer(engine, feed)
 
         return watched
@@ -299,6 +300,8 @@ class _FunctionMode(TorchFunctionMode):
             return args[0].to(torch.device("cuda", index), non_blocking=kwargs.get("non_blocking", False))
         if func in _HOST_VALUES and isinstance(args[0], FakeCudaTensor):  # through .cpu() / .item(): recorded
             return args[0].cpu().tolist() if func is torch.Tensor.tolist else _HOST_VALUES[func](args[0].item())
+        if func is torch.Tensor.__invert__ and isinstance(args[0], FakeCudaTensor):  # PyTorch selects the device
+            return torch.bitwise_not(args[0])
         if func in _INDEXING and isinstance(args[0], FakeCudaTensor):
             return self._index(func, *args)
         args = tuple(_cuda0(a) for a in args)
@@ -306,6 +309,8 @@ class _FunctionMode(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return self._attention(*args, **kwargs)
         device = kwargs.get("device")
+        if func is torch.as_tensor and isinstance(args[0], torch.Tensor):  # a tensor: a move, if any
+            return args[0].to(device=device or args[0].device, dtype=kwargs.get("dtype") or args[0].dtype)
         if func not in _NOT_FACTORIES and isinstance(device, torch.device) and device.type == "cuda":
             # a factory on an explicit CUDA index would make PyTorch select that device in the driver:
             # made on the host and wrapped instead
