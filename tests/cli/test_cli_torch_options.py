@@ -52,6 +52,9 @@ def test_torch_flags_with_an_engine_backend_are_an_error(src, tmp_path, capsys):
 
 def test_fp8_on_a_gpu_without_fp8_is_one_clear_error(src, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA build (the device check asks, since i17)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     code, _, err = run(["restore", src, "-o", tmp_path / "o.png", "--device", "cuda", "--fp8-weights", *TINY], capsys)
