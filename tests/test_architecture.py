@@ -148,3 +148,15 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_duplicated_pieces_are_gone():
+    """Issue 18: the forked tiled samplers, their report function and the batch copy of the composition."""
+    gone = {"sample_restore_edm_tiled", "sample_dpmpp_2m_sde_tiled", "_report_tiled", "TileGuidedDenoiser",
+            "_sample_batch", "run_batch_items", "_validation_skipped"}
+    defined = {node.name for path in MODULES.values() for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert not gone & defined, gone & defined
+    batching = ast.parse(MODULES["supir_rt.batching"].read_text(encoding="utf-8"))
+    functions = {node.name for node in batching.body if isinstance(node, ast.FunctionDef)}
+    assert functions == {"batch_key", "group_by_key"}  # the grouping only
