@@ -1,6 +1,6 @@
-"""The GPU check (benchmarks/gpu_check.sh, cuda_check.py) on the fake GPU: every phase runs end to end,
-the compile time is on disk as soon as the first compiled call returns, and the 12 GB verdict counts
-what the driver sees."""
+"""The GPU check (benchmarks/cuda_check.py, run by gpu_check.sh) on the fake GPU: the compile time is on
+disk as soon as the first compiled call returns, and the 12 GB verdict counts what the driver sees.
+(The whole ``bash benchmarks/gpu_check.sh --fake-cuda`` is run by hand: docs/cuda.md.)"""
 
 from __future__ import annotations
 
@@ -54,21 +54,3 @@ def test_12_gb_verdict_counts_reserved_and_driver_memory(fake, tmp_path):
     text = table(tmp_path, dry_run=False)
     assert f"peak 11.0 GB allocated (11.8 GB reserved, {used:.1f} GB in use per the driver)" in text
     assert "target (12 GB) NOT met" in text
-
-
-def test_gpu_check_script_runs_every_phase_on_the_fake_gpu(tmp_path):
-    """`bash benchmarks/gpu_check.sh --fake-cuda`: every phase of the GPU check runs on the fake device
-    (tiny model) and the table has every row, with "fake" in place of times."""
-    from cuda_check import ROW_ORDER
-
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--fake-cuda"], env=env,
-                          capture_output=True, text=True, timeout=3000)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
-    assert "FAKE CUDA" in out and "inductor" in out
-    table = out[out.index("| measurement"):]
-    for label in ROW_ORDER:
-        line = next(line for line in table.splitlines() if line.startswith(f"| {label}"))
-        assert "not measured" not in line and "NON-FINITE" not in line, line
-        assert "| fake" in line or "fp8" in line, line
