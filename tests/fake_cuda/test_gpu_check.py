@@ -36,7 +36,8 @@ def test_compile_time_is_written_right_after_the_first_call(tmp_path):
 
 def test_12_gb_verdict_counts_reserved_and_driver_memory(fake, tmp_path):
     """Defect 9: the verdict used `max_memory_allocated` only, but a 12 GB card must also hold PyTorch's
-    cache and the CUDA context (checked by hand: judged on the allocated figure, this run says MET).
+    cache and the CUDA context (checked by hand: with the verdict on the allocated figure again, this
+    test fails).
     Here: 11.0 GB allocated at peak, 11.8 GB reserved, + 0.5 GiB context = 12.3 GB in use."""
     from cuda_check import _peak, table
 
