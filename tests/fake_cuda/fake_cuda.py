@@ -302,6 +302,11 @@ class _FunctionMode(TorchFunctionMode):
             return args[0].cpu().tolist() if func is torch.Tensor.tolist else _HOST_VALUES[func](args[0].item())
         if func is torch.Tensor.__invert__ and isinstance(args[0], FakeCudaTensor):  # PyTorch selects the device
             return torch.bitwise_not(args[0])
+        if getattr(func, "__name__", "").endswith("_like") and args and isinstance(args[0], FakeCudaTensor) \
+                and kwargs.get("device") is None:  # PyTorch would select the input's device in the driver
+            return FakeCudaTensor(func(args[0].elem, *args[1:], **kwargs), args[0].device)
+        if func is torch.Tensor.copy_ and isinstance(args[1], torch.Tensor) and args[0].device != args[1].device:
+            return self._copy(*args, **kwargs)  # across devices PyTorch would select a device in the driver
         if func in _INDEXING and isinstance(args[0], FakeCudaTensor):
             return self._index(func, *args)
         args = tuple(_cuda0(a) for a in args)
@@ -318,6 +323,16 @@ class _FunctionMode(TorchFunctionMode):
             out = func(*args, **{**kwargs, "device": torch.device("cpu")})
             return tree_map(lambda t: FakeCudaTensor(t, device) if type(t) is torch.Tensor else t, out)
         return func(*args, **kwargs)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False):
+        if isinstance(src, FakeCudaTensor) and not isinstance(dst, FakeCudaTensor):
+            self.fake.host_read("copy to the host", src)
+        if isinstance(dst, FakeCudaTensor) and not isinstance(src, FakeCudaTensor):
+            self.fake.copies_to_device.append((self.fake.is_pinned(src), non_blocking, src.numel() * src.element_size()))
+        if isinstance(dst, FakeCudaTensor) and isinstance(src, FakeCudaTensor):
+            self.fake.check_index(dst.device)
+        (dst.elem if isinstance(dst, FakeCudaTensor) else dst).copy_(src.elem if isinstance(src, FakeCudaTensor) else src)
+        return dst
 
     def _index(self, func, t: FakeCudaTensor, index, *value):
         """``t[index]`` / ``t[index] = value`` (PyTorch's indexing would select the device in the driver): on
