@@ -346,7 +346,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
                    help="which SUPIR file to look for in the weights folder [--SUPIR_sign] (Q)")
     r.add_argument("--weights-dir", type=Path, help=f"folder holding both files; env ${ENV_WEIGHTS_DIR}")
     r.add_argument("--config", type=Path, help=f"settings file (default {default_config_path()}; env ${ENV_CONFIG})")
-    r.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "onnxruntime-cuda", "tensorrt"), default=None,
+    r.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "onnxruntime-cuda", "tensorrt", "tensorrt-rtx"), default=None,
                    help="network runtime (default auto: torch without --engines-dir)")
     r.add_argument("--engines-dir", type=Path, default=None, help="exported engines (onnxruntime/tensorrt backends)")
     r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,

@@ -124,7 +124,7 @@ class EngineBase(abc.ABC):
 EngineFactory = Callable[..., dict[str, Engine]]
 BACKENDS: dict[str, tuple[Callable[[], str | None], EngineFactory]] = {}
 # `auto` tries these in order: fastest first. "torch" covers CPU and CUDA (`--device` chooses).
-AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime", "torch")
+AUTO_ORDER = ("tensorrt", "tensorrt-rtx", "onnxruntime-cuda", "onnxruntime", "torch")
 
 
 # name -> artifacts_reason(artifact_dir=, config=, precision=) -> None if the folder holds usable
@@ -147,7 +147,7 @@ def _load_builtin_backends() -> None:
     except ImportError:
         pass
     try:
-        from supir_rt.backends import tensorrt_backend  # noqa: F401  (registers "tensorrt")
+        from supir_rt.backends import tensorrt_backend  # noqa: F401  (registers "tensorrt", "tensorrt-rtx")
     except ImportError:
         pass
 
