@@ -93,6 +93,13 @@ class BuildConfig:
                 "weight_streaming": self.weight_streaming and network in STREAMING_NETWORKS}
 
 
+def check_build(build: BuildConfig, config: ModelConfig, networks: Sequence[str] | None = None) -> None:
+    """Refuse, before any export or build, settings the headers do not allow for some network."""
+    specs = network_specs(config)
+    for n in networks or NETWORKS:
+        build.for_network(n, len(network_profiles(specs[n], build.profiles)))
+
+
 def current_target(trt, cuda: TorchCuda | None = None, flavour: Flavour = "tensorrt") -> GpuTarget:
     cuda = cuda or tensorrt_backend.default_cuda()  # looked up at call time: tests substitute it
     if not cuda.is_available():
@@ -351,4 +358,4 @@ def build_all(config: ModelConfig, onnx_dir: Path, out_dir: Path | None = None, 
     return done
 
 
-__all__ = ["BuildConfig", "TimingCache", "build_plan", "build_all", "refit_plan", "current_target", "rebuild_command"]
+__all__ = ["BuildConfig", "check_build", "TimingCache", "build_plan", "build_all", "refit_plan", "current_target", "rebuild_command"]
