@@ -38,7 +38,7 @@ from typing import Literal
 
 from supir_rt.backends.manifest import (
     ArtifactError, GpuTarget, Manifest, atomic_write_bytes, check_manifest, config_fingerprint, file_sha256,
-    manifest_path, onnx_files_sha256, onnx_name, rebuild_command, spec_to_json, timing_cache_name,
+    manifest_path, onnx_name, rebuild_command, spec_to_json, timing_cache_name,
 )
 from supir_rt.backends.specs import NETWORKS, NetworkSpec, Profile, default_profiles, network_profiles, network_specs
 from supir_rt.backends import tensorrt_backend
@@ -210,11 +210,8 @@ def build_plan(onnx_path: Path, out_dir: Path, *, config: ModelConfig, network: 
     api = TrtApi(trt, flavour)
     spec = network_specs(config)[network]
     onnx_path = Path(onnx_path)
-    onnx_man = check_manifest(onnx_path, spec=spec, config=config, precision=precision)
-    onnx_files = onnx_files_sha256(onnx_path)  # the bytes themselves, not the manifest's record
-    if onnx_files[onnx_path.name] != onnx_man.files.get(onnx_path.name):
-        raise ArtifactError(f"{onnx_path} has changed since it was exported (sha256 differs from its manifest); "
-                            f"export it again: {rebuild_command(config, precision, artifact_dir=onnx_path.parent)}")
+    onnx_man = check_manifest(onnx_path, spec=spec, config=config, precision=precision)  # hashes its files
+    onnx_files = dict(onnx_man.files)  # just verified against the bytes
     target = current_target(trt, cuda, flavour)
     out_dir = Path(out_dir)
     plan = target.plan(out_dir, network, precision)

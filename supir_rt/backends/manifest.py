@@ -242,13 +242,6 @@ class GpuTarget:
         return Path(folder) / plan_name(network, precision, self.compute_capability, self.tensorrt, self.flavour)
 
 
-def onnx_files_sha256(onnx: Path) -> dict[str, str]:
-    """sha256 of the ONNX graph file and every file its manifest lists (external weights), hashed
-    from the files themselves (not copied from the manifest)."""
-    names = {onnx.name, *Manifest.read(manifest_path(onnx)).files}
-    return {name: file_sha256(onnx.parent / name) for name in sorted(names)}
-
-
 def check_plan(plan: Path, *, spec: NetworkSpec, config: ModelConfig, precision: str, target: GpuTarget,
                verify_hash: bool = True) -> Manifest:
     """`check_manifest` for a TensorRT(-RTX) plan, plus: built for this GPU, flavour and version
