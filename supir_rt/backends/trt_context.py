@@ -158,7 +158,7 @@ class TrtEngine(EngineBase):
         if need > shared.arena.size or shared.arena.buffer is None:
             with shared.cuda.use_stream(shared.stream):  # freed/reused in the engine stream's order
                 shared.arena.ensure(need, f"{self.spec.name} profile {self.profiles[slot.profile].name}")
-        if self._arena_generation != shared.arena.generation:
+        if self._arena_generation == -1:
             shared.api.set_device_memory(ctx, shared.arena.ptr, shared.arena.size)
             self._arena_generation = shared.arena.generation
             drop_graphs(self._slots.values())  # they recorded the old arena address
