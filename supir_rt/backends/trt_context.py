@@ -101,7 +101,9 @@ class TrtEngine(EngineBase):
         self.path, self.manifest, self.profiles, self._rebuild = plan.path, plan.manifest, plan.profiles, plan.rebuild
         self.engine = plan.engine
         self.streaming = plan.streaming
-        self.context = plan.create_context()  # after the weight budget: TensorRT refuses it once contexts exist
+        self.context = plan.create_context()
+        if getattr(plan, 'pending_budget', None) is not None:
+            plan._set_weight_budget(plan.pending_budget)
         self.memory = [shared.api.profile_memory(self.engine, i) for i in range(len(self.profiles))]
         self.cuda_graphs = cuda_graphs and self.spec.name in GRAPH_NETWORKS and not self.streaming
         self._profile: int | None = None

@@ -617,16 +617,16 @@ def test_graph_is_recaptured_after_another_engine_grew_the_arena(fake, tiny_conf
     Checked by hand once (2026-12-06): with the arena-generation check removed from
     `TrtEngine._activate`, the replay uses the retired arena and the stand-in asserts ("uses device
     memory ... that the backend freed")."""
-    build(tiny_config, folder, networks=["unet_adaptor", "vae_decoder"])
-    engines = open_trt(tiny_config, folder, networks=["unet_adaptor", "vae_decoder"], cuda_graphs=True)
-    unet, vae = engines["unet_adaptor"], engines["vae_decoder"]
+    build(tiny_config, folder, networks=["unet_adaptor", "dr_encoder"])
+    engines = open_trt(tiny_config, folder, networks=["unet_adaptor", "dr_encoder"], cuda_graphs=True)
+    unet, dr = engines["unet_adaptor"], engines["dr_encoder"]
     small = {"B": 1, "h": 8, "w": 8}
     for seed in range(3):
         assert_like_ort(unet, ort_engines["unet_adaptor"], sample(unet.spec, small, seed))
     arena = unet._shared.arena
     before = (arena.ptr, arena.size, fake.captures)
-    assert_like_ort(vae, ort_engines["vae_decoder"], sample(vae.spec, {"B": 2, "h": 32, "w": 32}))
-    assert arena.size > before[1], "the decoder's larger profile grew the shared arena"
+    assert_like_ort(dr, ort_engines["dr_encoder"], sample(dr.spec, {"B": 2, "h": 16, "w": 16}))
+    assert arena.size > before[1], "the DR encoder's dynamic profile grew the shared arena"
     for seed in range(3, 6):
         assert_like_ort(unet, ort_engines["unet_adaptor"], sample(unet.spec, small, seed))
     assert fake.captures == before[2] + 1, "recaptured on the new arena"
