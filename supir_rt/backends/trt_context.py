@@ -101,9 +101,7 @@ class TrtEngine(EngineBase):
         self.path, self.manifest, self.profiles, self._rebuild = plan.path, plan.manifest, plan.profiles, plan.rebuild
         self.engine = plan.engine
         self.streaming = plan.streaming
-        self.context = plan.create_context()
-        if getattr(plan, 'pending_budget', None) is not None:
-            plan._set_weight_budget(plan.pending_budget)
+        self.context = plan.create_context()  # after the weight budget: TensorRT refuses it once contexts exist
         self.memory = [shared.api.profile_memory(self.engine, i) for i in range(len(self.profiles))]
         self.cuda_graphs = cuda_graphs and self.spec.name in GRAPH_NETWORKS and not self.streaming
         self._profile: int | None = None
@@ -160,7 +158,7 @@ class TrtEngine(EngineBase):
         if need > shared.arena.size or shared.arena.buffer is None:
             with shared.cuda.use_stream(shared.stream):  # freed/reused in the engine stream's order
                 shared.arena.ensure(need, f"{self.spec.name} profile {self.profiles[slot.profile].name}")
-        if self._arena_generation == -1:
+        if self._arena_generation != shared.arena.generation:
             shared.api.set_device_memory(ctx, shared.arena.ptr, shared.arena.size)
             self._arena_generation = shared.arena.generation
             drop_graphs(self._slots.values())  # they recorded the old arena address

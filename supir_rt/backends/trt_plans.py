@@ -108,7 +108,7 @@ class LoadedPlan:
         self.streaming = bool(manifest.build.get("weight_streaming"))
         budget = weight_budget if weight_budget is not None else manifest.build.get("runtime", {}).get("weight_budget")
         if self.streaming and budget is not None:
-            self.pending_budget = int(budget)
+            self._set_weight_budget(int(budget))
         elif budget is not None and weight_budget is not None:
             raise TensorRTError(f"{self.path.name} was not built for weight streaming; rebuild it with "
                                 f"--trt-weight-budget: {rebuild} --trt-weight-budget {budget}")
