@@ -597,9 +597,9 @@ def test_execute_async_v3_false_is_an_error_normally_and_during_capture(fake, ti
 def test_graph_is_never_replayed_after_an_input_shape_change(fake, tiny_config, folder, ort_engines):
     """Each input shape has its own graph, and the context's shapes are set back before a replay.
 
-    Checked by hand once (2026-12-06): with `TrtEngine._activate` skipping `set_input_shape` when the
-    profile did not change (shapes remembered per profile instead of per slot), the stand-in's replay
-    assertion fires ("captured with input shapes ... replayed while the context has ...")."""
+    Checked by hand once (2026-12-06): with `TrtEngine._activate` not setting the input shapes before a
+    replay ("the graph has them baked in"), the stand-in's replay assertion fires ("captured with input
+    shapes ... replayed while the context has ...")."""
     build(tiny_config, folder, networks=["unet_adaptor"])
     engine = open_trt(tiny_config, folder, networks=["unet_adaptor"], cuda_graphs=True)["unet_adaptor"]
     shapes = [{"B": 1, "h": 8, "w": 16}, {"B": 1, "h": 16, "w": 24}]  # both on the dynamic profile, other shapes
