@@ -179,7 +179,10 @@ class TrtEngine(EngineBase):
 
     def _check_output_shapes(self, slot: Slot) -> None:
         """Once per shape: TensorRT's own output shapes must be the buffers' (the spec's formula)."""
-        unresolved = list(self.context.infer_shapes())
+        try:
+            unresolved = list(self.context.infer_shapes())
+        except RuntimeError as err:  # the Python binding raises on errors other than missing shapes
+            unresolved = [str(err)]
         if unresolved:
             raise TensorRTError(f"{self.path.name}: TensorRT cannot infer shapes, {unresolved} insufficiently "
                                 f"specified{self._shared.logger.last_error()}; rebuild with: {self._rebuild}")
