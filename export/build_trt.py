@@ -75,7 +75,7 @@ class BuildConfig:
     def refit_for(self, network: str, n_profiles: int) -> str:
         """The refit mode of `network`'s plan with `n_profiles` profiles (ValueError if the headers
         do not allow what was asked)."""
-        if self.refit == "auto":
+        if self.refit == "auto" and not (self.strip_weights and n_profiles > 1):
             return "identical" if n_profiles == 1 else "none"
         if self.refit != "none" and n_profiles > 1:
             what = "stripped weights need" if self.strip_weights else f"refit {self.refit!r} needs"
