@@ -37,7 +37,7 @@ def torch_engines(tiny_model):
     return open_engines("torch", model=tiny_model)
 
 
-_SURFACE = re.compile(r"[\[-](trt10|trt11|rtx)[\]-]")
+_SURFACE = re.compile(r"\[(trt10|trt11|rtx)[\]-]")
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
