@@ -5,6 +5,7 @@
         --precision fp32 --out engines/official                                      # CPU (ONNX Runtime)
     python export/build_engines.py --sdxl ... --supir ... --precision fp16 --trt     # GPU (TensorRT)
     python export/build_engines.py --trt-only --precision fp16 --out engines/official  # plans from ONNX there
+    python export/build_engines.py --trt-only --trt-rtx --precision fp16 --out engines/official  # TensorRT-RTX
     python export/build_engines.py --sdxl ... --supir SUPIR-v0F.ckpt --precision fp16 --trt --refit
                                                                           # swap weights into "full" plans
 
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true", help="skip networks whose artifact already matches")
     t = p.add_argument_group("TensorRT (GPU; see docs/engines.md)")
     t.add_argument("--trt", action="store_true", help="also build TensorRT plans from the ONNX files")
+    t.add_argument("--trt-rtx", action="store_true",
+                   help="build TensorRT-RTX plans (GeForce/RTX workstation GPUs; pip install tensorrt-rtx) instead of "
+                        "TensorRT ones; with --trt or --trt-only")
     t.add_argument("--trt-only", action="store_true",
                    help="build TensorRT plans from the ONNX files already in --out (no weights needed; "
                         "--tiny-random / --options choose the configuration, default official)")
@@ -92,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-tf32", action="store_true", help="no TF32 tactics for fp32 layers (TensorRT's default is on)")
     t.add_argument("--trt-opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
     t.add_argument("--trt-workspace-gib", type=float, default=8.0, help="builder workspace limit (default 8)")
-    t.add_argument("--trt-refittable", choices=("none", "identical", "full"), default="identical",
-                   help="identical (default): refit only with the same weights (no speed cost; needed by "
-                        "--trt-strip); full: any weights of the same architecture (for --refit)")
+    t.add_argument("--trt-refittable", choices=("auto", "none", "identical", "full"), default="auto",
+                   help="auto (default): 'identical' for plans with one profile, 'none' for plans with several "
+                        "(TensorRT allows one profile per refittable plan); identical: refit only with the same "
+                        "weights (no speed cost; needed by --trt-strip); full: any weights of the same architecture "
+                        "(for --refit); identical/full need one profile (e.g. --no-static-profile --no-tile-profile)")
     t.add_argument("--trt-strip", action="store_true",
                    help="plans without weights (small); the runtime loads them from the ONNX files beside")
     t.add_argument("--trt-weight-budget", metavar="SIZE",
@@ -158,6 +164,13 @@ def trt_build_config(args: argparse.Namespace):
                        strip_weights=args.trt_strip, weight_streaming=args.trt_weight_budget is not None)
 
 
+def _config(args: argparse.Namespace) -> ModelConfig:
+    """The model configuration the options name (without loading weights)."""
+    if args.tiny_random:
+        return ModelConfig.tiny()
+    return ModelConfig.from_official_yaml(args.options) if args.options else ModelConfig.official()
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -175,21 +188,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     trt = args.trt or args.trt_only
+    flavour = "tensorrt-rtx" if args.trt_rtx else "tensorrt"
+    if args.trt_rtx and not trt:
+        return _fail("--trt-rtx chooses the TensorRT flavour of a plan build: add --trt or --trt-only")
     if not args.trt_only and not (args.tiny_random or args.official_random or args.sdxl):
         return _fail("choose the weights: --tiny-random, --official-random or --sdxl/--supir "
                      "(or --trt-only to build plans from existing ONNX files)")
     if trt:  # fail before the long export, with the reason
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from build_trt import current_target, require_tensorrt
+        from build_trt import check_build, current_target, require_tensorrt
 
         try:
             build = trt_build_config(args)
+            check_build(build, _config(args), args.networks)
             budget = parse_size(args.trt_weight_budget) if args.trt_weight_budget is not None else None
-            current_target(require_tensorrt())
+            current_target(require_tensorrt(flavour), flavour=flavour)
         except ValueError as err:
             return _fail(str(err))
         except (ImportError, RuntimeError) as err:
-            return _fail(f"cannot build TensorRT plans: {err}")
+            return _fail(f"cannot build {'TensorRT-RTX' if args.trt_rtx else 'TensorRT'} plans: {err}")
     config = None
     if not args.trt_only:
         from supir_rt.backends.onnx_export import export_all
@@ -206,12 +223,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from supir_rt.backends.manifest import ArtifactError
 
-        config = config or (ModelConfig.tiny() if args.tiny_random else
-                            ModelConfig.from_official_yaml(args.options) if args.options else ModelConfig.official())
+        config = config or _config(args)
         out = args.out or Path("engines") / config.name
         try:
             build_all(config, out, precision=args.precision, networks=args.networks, build=build,
-                      reuse=not args.no_reuse, refit=args.refit, weight_budget=budget)
+                      reuse=not args.no_reuse, refit=args.refit, weight_budget=budget, flavour=flavour)
         except (ArtifactError, ValueError) as err:
             return _fail(str(err))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,20 +1,26 @@
-"""ONNX -> TensorRT plans, in-process with the TensorRT 10.x Python API (imported lazily).
+"""ONNX -> TensorRT / TensorRT-RTX plans, in-process with the Python API (imported lazily).
 
-One plan per network, strongly typed (the ONNX tensor types decide layer precision: the fp16 graphs
-of `onnx_export.py` give fp16 UNet/text encoders and an fp32 VAE), several optimisation profiles
-(`specs.default_profiles`: static 1024 px-class, sampler tile, dynamic fallback; stored in the
-manifest, read by the runtime), a frozen `BuildConfig`, and a manifest beside each plan recording the
-profiles, the ONNX and weights hashes it was built from and the GPU it was built for (name, compute
-capability, TensorRT version). Around the build:
+One build path for TensorRT 10.x, 11.x and TensorRT-RTX 1.x: every network is **strongly typed**
+and no precision flag is set (11.x removed them; TensorRT-RTX never had a weakly typed mode): the
+ONNX tensor types decide layer precision, so the fp16 graphs of `onnx_export.py` give fp16 UNet and
+text encoders and fp32 VAE and DR encoder (the SDXL VAE overflows in fp16). The calls that differ by
+flavour or version are in `supir_rt/backends/trt_api.py`. One plan per network, its optimisation
+profiles (`specs.default_profiles`: static 1024 px-class, sampler tile, dynamic fallback) stored in
+the manifest, a frozen `BuildConfig`, and a manifest beside each plan recording the profiles, the
+hashes of the ONNX files and weights it was built from and its identity (flavour, full version,
+GPU name and compute capability). Around the build:
 
-* **reuse**: a plan whose manifest matches (same ONNX, weights, build settings, GPU, TensorRT) and
+* **reuse**: a plan whose manifest matches (same ONNX, weights, build settings, identity) and
   whose file is intact is kept, not rebuilt;
-* **timing cache**: ``timing_sm<cc>_trt<ver>.cache`` beside the plans is loaded by every build and
-  saved after it (a cache from another GPU/TensorRT is ignored with a warning);
-* **refit**: plans are refittable (``refit="identical"`` by default: same speed, weights only
-  re-loadable unchanged, which is what a weight-stripped plan needs; ``"full"``: any weights of the
-  same architecture). `refit_plan` puts the weights of a re-exported ONNX file into an existing
-  ``full`` plan in a fraction of a build; stripped plans get their weights from the ONNX file at load;
+* **timing cache** (TensorRT only; TensorRT-RTX ignores one): ``timing_sm<cc>_trt<ver>.cache``
+  beside the plans is loaded by every build and saved after it (one from another GPU or version is
+  replaced with a warning);
+* **refit and profiles**: NVIDIA's headers say ``addOptimizationProfile`` "may be called at most
+  once when building a refittable engine" (NvInfer.h, 10.x and 11.x). So the default
+  (``refit="auto"``) makes a plan refittable (REFIT_IDENTICAL) only when it has one profile and not
+  refittable when it has several; asking for ``identical``/``full`` refit or stripped weights with
+  several profiles is refused with the options that fix it. The manifest records the choice;
+  `refit_plan` puts the weights of a re-exported ONNX file into an existing ``full`` plan;
 * **weight streaming** (``weight_streaming=True``): the UNet + adaptor plan is built with
   WEIGHT_STREAMING and the runtime keeps only a budget of its weights on the GPU;
 * files are written atomically (temporary file + rename): a failed build leaves nothing half-written.
@@ -32,16 +38,19 @@ from typing import Literal
 
 from supir_rt.backends.manifest import (
     ArtifactError, GpuTarget, Manifest, atomic_write_bytes, check_manifest, config_fingerprint, file_sha256,
-    manifest_path, onnx_name, plan_name, rebuild_command, spec_to_json, timing_cache_name,
+    manifest_path, onnx_name, rebuild_command, spec_to_json, timing_cache_name,
 )
 from supir_rt.backends.specs import NETWORKS, NetworkSpec, Profile, default_profiles, network_profiles, network_specs
 from supir_rt.backends import tensorrt_backend
 from supir_rt.backends.tensorrt_backend import TensorRTError, TorchCuda, make_logger, require_tensorrt
+from supir_rt.backends.trt_api import Flavour, TrtApi
 from supir_rt.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-Refit = Literal["none", "identical", "full"]
+Refit = Literal["auto", "none", "identical", "full"]
+ONE_PROFILE_RULE = ("NvInfer.h addOptimizationProfile: it may be called at most once when building a refittable "
+                    "engine")
 STREAMING_NETWORKS = ("unet_adaptor",)  # the only network big enough to need weight streaming
 
 
@@ -51,10 +60,9 @@ class BuildConfig:
 
     optimization_level: int = 3  # the NVIDIA demo's default for fp16
     workspace_gib: float = 8.0
-    strongly_typed: bool = True
     tf32: bool = True  # TF32 tactics for the fp32 layers (the VAE); False really clears the flag
     profiles: tuple[Profile, ...] = default_profiles()
-    refit: Refit = "identical"
+    refit: Refit = "auto"  # identical with one profile, none with several (ONE_PROFILE_RULE)
     strip_weights: bool = False  # plan without its refittable weights; loaded from the ONNX file at open
     weight_streaming: bool = False  # WEIGHT_STREAMING for the UNet + adaptor plan
 
@@ -63,22 +71,40 @@ class BuildConfig:
             raise ValueError(f"builder optimisation level {self.optimization_level}: TensorRT accepts 0..5")
         if self.strip_weights and self.refit == "none":
             raise ValueError("a weight-stripped plan must be refittable: use refit 'identical' or 'full'")
-        if self.weight_streaming and not self.strongly_typed:
-            raise ValueError("weight streaming needs a strongly typed network")
 
-    def for_network(self, network: str) -> dict:
+    def refit_for(self, network: str, n_profiles: int) -> str:
+        """The refit mode of `network`'s plan with `n_profiles` profiles (ValueError if the headers
+        do not allow what was asked)."""
+        if self.refit == "auto" and not (self.strip_weights and n_profiles > 1):
+            return "identical" if n_profiles == 1 else "none"
+        if self.refit != "none" and n_profiles > 1:
+            what = "stripped weights need" if self.strip_weights else f"refit {self.refit!r} needs"
+            raise ValueError(f"{network}: {what} a refittable plan, which may hold one optimisation profile only "
+                             f"({ONE_PROFILE_RULE}), and {n_profiles} were asked for; keep one profile "
+                             "(--no-static-profile --no-tile-profile, or --no-dynamic-profile --no-tile-profile) or "
+                             "build without refit (--trt-refittable none, no --trt-strip)")
+        return self.refit
+
+    def for_network(self, network: str, n_profiles: int) -> dict:
         """The manifest's record of these settings as they apply to `network` (what reuse compares)."""
         return {"optimization_level": self.optimization_level, "workspace_gib": self.workspace_gib,
-                "strongly_typed": self.strongly_typed, "tf32": self.tf32, "refit": self.refit,
+                "strongly_typed": True, "tf32": self.tf32, "refit": self.refit_for(network, n_profiles),
                 "strip_weights": self.strip_weights,
                 "weight_streaming": self.weight_streaming and network in STREAMING_NETWORKS}
 
 
-def current_target(trt, cuda: TorchCuda | None = None) -> GpuTarget:
+def check_build(build: BuildConfig, config: ModelConfig, networks: Sequence[str] | None = None) -> None:
+    """Refuse, before any export or build, settings the headers do not allow for some network."""
+    specs = network_specs(config)
+    for n in networks or NETWORKS:
+        build.for_network(n, len(network_profiles(specs[n], build.profiles)))
+
+
+def current_target(trt, cuda: TorchCuda | None = None, flavour: Flavour = "tensorrt") -> GpuTarget:
     cuda = cuda or tensorrt_backend.default_cuda()  # looked up at call time: tests substitute it
     if not cuda.is_available():
-        raise TensorRTError("building TensorRT plans needs an NVIDIA GPU; torch sees none")
-    return cuda.target(trt.__version__)
+        raise TensorRTError(f"building {flavour} plans needs an NVIDIA GPU; torch sees none")
+    return cuda.target(trt.__version__, flavour)
 
 
 # --------------------------------------------------------------------------------------- the build
@@ -111,12 +137,12 @@ class TimingCache:
             atomic_write_bytes(self.path, bytes(cache.serialize()))
 
 
-def _parse(trt, logger, onnx_path: Path, spec: NetworkSpec, strongly_typed: bool):
+def _parse(api: TrtApi, logger, onnx_path: Path, spec: NetworkSpec):
+    trt = api.trt
     builder = trt.Builder(logger)
     if builder is None:
         raise TensorRTError(f"TensorRT could not create a builder{logger.last_error()}")
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)
+    network = builder.create_network(api.network_flags())  # strongly typed: precision from the ONNX file
     if network is None:
         raise TensorRTError(f"TensorRT could not create a network{logger.last_error()}")
     parser = trt.OnnxParser(network, logger)
@@ -132,8 +158,10 @@ def _parse(trt, logger, onnx_path: Path, spec: NetworkSpec, strongly_typed: bool
     return builder, network, parser
 
 
-def _configure(trt, builder, network_name: str, spec: NetworkSpec, build: BuildConfig):
+def _configure(api: TrtApi, builder, network_name: str, spec: NetworkSpec, build: BuildConfig):
+    trt = api.trt
     cfg = builder.create_builder_config()
+    api.set_build_target(cfg)
     cfg.builder_optimization_level = build.optimization_level
     workspace = int(build.workspace_gib * 2**30)
     cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
@@ -145,14 +173,15 @@ def _configure(trt, builder, network_name: str, spec: NetworkSpec, build: BuildC
         cfg.clear_flag(trt.BuilderFlag.TF32)
     if cfg.get_flag(trt.BuilderFlag.TF32) != build.tf32:
         raise TensorRTError(f"TensorRT did not take tf32={build.tf32}")
-    refit_flag = {"identical": trt.BuilderFlag.REFIT_IDENTICAL, "full": trt.BuilderFlag.REFIT}.get(build.refit)
+    profiles = network_profiles(spec, build.profiles)
+    refit = build.refit_for(network_name, len(profiles))
+    refit_flag = {"identical": trt.BuilderFlag.REFIT_IDENTICAL, "full": trt.BuilderFlag.REFIT}.get(refit)
     if refit_flag is not None:
         cfg.set_flag(refit_flag)
     if build.strip_weights:
         cfg.set_flag(trt.BuilderFlag.STRIP_PLAN)
     if build.weight_streaming and network_name in STREAMING_NETWORKS:
         cfg.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
-    profiles = network_profiles(spec, build.profiles)
     for p in profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in spec.profile(p.range_map).items():
@@ -168,63 +197,72 @@ def _configure(trt, builder, network_name: str, spec: NetworkSpec, build: BuildC
 
 def build_plan(onnx_path: Path, out_dir: Path, *, config: ModelConfig, network: str, precision: str,
                build: BuildConfig = BuildConfig(), reuse: bool = True, refit: bool = False,
-               weight_budget: int | None = None, cuda: TorchCuda | None = None) -> tuple[Path, str]:
+               weight_budget: int | None = None, cuda: TorchCuda | None = None,
+               flavour: Flavour = "tensorrt") -> tuple[Path, str]:
     """One plan for `network` from `onnx_path`; returns (plan, what happened: built/reused/refitted).
 
     `reuse`: keep a plan whose manifest matches. `refit`: if only the weights changed (same graph
     architecture, ``refit="full"`` plan), put the new weights into the existing plan instead of
     rebuilding. `weight_budget`: bytes of UNet weights to keep on the GPU (weight streaming).
+    `flavour`: ``tensorrt`` or ``tensorrt-rtx``. The runtime expects the ONNX files beside the plans.
     """
-    trt = require_tensorrt()
+    trt = require_tensorrt(flavour)
+    api = TrtApi(trt, flavour)
     spec = network_specs(config)[network]
     onnx_path = Path(onnx_path)
-    onnx_man = check_manifest(onnx_path, spec=spec, config=config, precision=precision)
-    target = current_target(trt, cuda)
+    onnx_man = check_manifest(onnx_path, spec=spec, config=config, precision=precision)  # hashes its files
+    onnx_files = dict(onnx_man.files)  # just verified against the bytes
+    target = current_target(trt, cuda, flavour)
     out_dir = Path(out_dir)
-    plan = out_dir / plan_name(network, precision, target.compute_capability, target.tensorrt)
-    want = {**target.fields(), "build_config": build.for_network(network),
-            "profiles": [p.to_json() for p in network_profiles(spec, build.profiles)]}
+    plan = target.plan(out_dir, network, precision)
+    profiles = network_profiles(spec, build.profiles)
+    want = {**target.fields(), "build_config": build.for_network(network, len(profiles)),
+            "profiles": [p.to_json() for p in profiles]}
     runtime = {"weight_budget": weight_budget} if want["build_config"]["weight_streaming"] else {}
 
     old = _existing(plan, spec=spec, config=config, precision=precision, target=target)
     if old is not None and all(old.build.get(k) == v for k, v in want.items()):
-        same_weights = (old.build.get("onnx_sha256"), old.weights_sha256) == (
-            onnx_man.files[onnx_path.name], onnx_man.weights_sha256)
+        same_weights = (old.build.get("onnx_files"), old.weights_sha256) == (onnx_files, onnx_man.weights_sha256)
         if same_weights and reuse:
             if old.build.get("runtime", {}) != runtime:
                 _write_manifest(plan, dataclasses.replace(old, build={**old.build, "runtime": runtime}))
             log.info("%s is up to date (manifest matches); reusing it", plan.name)
             return plan, "reused"
         if not same_weights and refit:
-            refit_plan(plan, onnx_path, old, onnx_man, trt=trt, runtime=runtime)
+            refit_plan(plan, onnx_path, old, onnx_man, trt=trt, runtime=runtime, onnx_files=onnx_files)
             return plan, "refitted"
     elif refit:
         log.info("%s: no matching plan to refit (%s); building one", network,
                  "none yet" if old is None else "the build settings, GPU or profiles differ")
 
     logger = make_logger(trt)
-    builder, net, _parser = _parse(trt, logger, onnx_path, spec, build.strongly_typed)
-    cfg, _ = _configure(trt, builder, network, spec, build)
-    cache = TimingCache(out_dir / timing_cache_name(target.compute_capability, target.tensorrt))
-    timing = cache.attach(cfg)  # must outlive the build
+    builder, net, _parser = _parse(api, logger, onnx_path, spec)
+    cfg, _ = _configure(api, builder, network, spec, build)
+    cache = None
+    if api.uses_timing_cache():
+        cache = TimingCache(out_dir / timing_cache_name(target.compute_capability, target.tensorrt))
+        timing = cache.attach(cfg)  # must outlive the build
     log.info("building %s (minutes for the UNet)", plan.name)
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(net, cfg)
     if serialized is None:
-        raise TensorRTError(f"TensorRT failed to build {plan.name}{logger.last_error()}; nothing was written")
-    cache.save(cfg)
-    del timing
+        raise TensorRTError(f"{flavour} failed to build {plan.name}{logger.last_error()}; nothing was written")
+    if cache is not None:
+        cache.save(cfg)
+        del timing
     data = bytes(serialized)
     manifest_path(plan).unlink(missing_ok=True)  # a crash below leaves a plan without manifest: refused, never trusted
     atomic_write_bytes(plan, data)
     seconds = round(time.perf_counter() - t0, 1)
+    refit_mode = want["build_config"]["refit"]
     _write_manifest(plan, Manifest(
-        network=network, kind="tensorrt", precision=precision, config_name=config.name,
+        network=network, kind=flavour, precision=precision, config_name=config.name,
         config_fingerprint=config_fingerprint(config), spec=spec_to_json(spec),
         files={plan.name: file_sha256(plan)}, weights_sha256=onnx_man.weights_sha256, source=onnx_man.source,
-        tools={"tensorrt": trt.__version__, **onnx_man.tools},
-        build={**want, "onnx": onnx_path.name, "onnx_sha256": onnx_man.files[onnx_path.name],
-               "refit": build.refit, "stripped": build.strip_weights,
+        tools={flavour: trt.__version__, **onnx_man.tools},
+        build={**want, "onnx": onnx_path.name, "onnx_sha256": onnx_files[onnx_path.name], "onnx_files": onnx_files,
+               "refit": refit_mode, "stripped": build.strip_weights,
+               "refit_rule": f"{len(profiles)} profile(s): refit {refit_mode!r} ({ONE_PROFILE_RULE})",
                "weight_streaming": want["build_config"]["weight_streaming"], "runtime": runtime,
                "plan_bytes": len(data), "build_s": seconds, "refits": []},
     ))
@@ -244,7 +282,7 @@ def _existing(plan: Path, **kwargs) -> Manifest | None:
 
 
 def check_manifest_only(plan: Path, *, spec, config, precision, target: GpuTarget) -> Manifest:
-    return check_manifest(plan, spec=spec, config=config, precision=precision, kind="tensorrt",
+    return check_manifest(plan, spec=spec, config=config, precision=precision, kind=target.flavour,
                           extra=target.fields())
 
 
@@ -252,7 +290,8 @@ def _write_manifest(plan: Path, man: Manifest) -> None:
     man.write(manifest_path(plan))
 
 
-def refit_plan(plan: Path, onnx_path: Path, man: Manifest, onnx_man: Manifest, *, trt, runtime: dict) -> None:
+def refit_plan(plan: Path, onnx_path: Path, man: Manifest, onnx_man: Manifest, *, trt, runtime: dict,
+               onnx_files: dict[str, str]) -> None:
     """Put the weights of `onnx_path` (same architecture) into the existing `plan` and record it.
     A stripped plan holds no weights: its manifest is re-pointed at the new ONNX file, whose weights
     are loaded at open. Only ``refit="full"`` plans may take other weights."""
@@ -283,10 +322,10 @@ def refit_plan(plan: Path, onnx_path: Path, man: Manifest, onnx_man: Manifest, *
         atomic_write_bytes(plan, data)
     seconds = round(time.perf_counter() - t0, 1)
     record = {"from_onnx_sha256": man.build.get("onnx_sha256"), "from_weights_sha256": man.weights_sha256,
-              "onnx_sha256": onnx_man.files[onnx_path.name], "weights_sha256": onnx_man.weights_sha256,
+              "onnx_sha256": onnx_files[onnx_path.name], "weights_sha256": onnx_man.weights_sha256,
               "source": onnx_man.source, "refit_s": seconds,
               "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    build = {**man.build, "onnx_sha256": onnx_man.files[onnx_path.name], "runtime": runtime,
+    build = {**man.build, "onnx_sha256": onnx_files[onnx_path.name], "onnx_files": onnx_files, "runtime": runtime,
              "refits": [*man.build.get("refits", []), record]}
     if data is not None:
         build["plan_bytes"] = len(data)
@@ -298,14 +337,14 @@ def refit_plan(plan: Path, onnx_path: Path, man: Manifest, onnx_man: Manifest, *
 
 def build_all(config: ModelConfig, onnx_dir: Path, out_dir: Path | None = None, *, precision: str = "fp16",
               networks: Sequence[str] | None = None, build: BuildConfig = BuildConfig(), reuse: bool = True,
-              refit: bool = False, weight_budget: int | None = None,
-              cuda: TorchCuda | None = None) -> list[tuple[Path, str]]:
+              refit: bool = False, weight_budget: int | None = None, cuda: TorchCuda | None = None,
+              flavour: Flavour = "tensorrt") -> list[tuple[Path, str]]:
     """Plans for `networks` (default all) from the ONNX files in `onnx_dir`; logs a size report."""
     out_dir = Path(out_dir or onnx_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = [build_plan(Path(onnx_dir) / onnx_name(n, precision), out_dir, config=config, network=n,
                        precision=precision, build=build, reuse=reuse, refit=refit, weight_budget=weight_budget,
-                       cuda=cuda)
+                       cuda=cuda, flavour=flavour)
             for n in (networks or NETWORKS)]
     total = 0
     for plan, action in done:
@@ -316,4 +355,4 @@ def build_all(config: ModelConfig, onnx_dir: Path, out_dir: Path | None = None, 
     return done
 
 
-__all__ = ["BuildConfig", "TimingCache", "build_plan", "build_all", "refit_plan", "current_target", "rebuild_command"]
+__all__ = ["BuildConfig", "check_build", "TimingCache", "build_plan", "build_all", "refit_plan", "current_target", "rebuild_command"]

@@ -28,7 +28,7 @@ ENV_SDXL = "SUPIR_RT_SDXL"
 ENV_SUPIR = "SUPIR_RT_SUPIR"
 ENV_WEIGHTS_DIR = "SUPIR_RT_WEIGHTS_DIR"
 ENV_CONFIG = "SUPIR_RT_CONFIG"
-BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-cuda", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-cuda", "tensorrt", "tensorrt-rtx")
 # --tiny-random defaults that keep a CPU run to about a minute (explicit flags win).
 TINY_DEFAULTS = {"num_steps": 4, "min_size": 256}
 

@@ -8,9 +8,10 @@ with a message that names the file and the command that rebuilds it.
 
 File names (documented in engines/README.md):
 * ONNX:      ``<network>_<precision>.onnx`` (+ ``.onnx.data`` external weights) and ``.json`` manifest;
-* TensorRT:  ``<network>_<precision>_sm<cc>_trt<version>.plan`` and ``.plan.json``; the plan's
-  optimisation profiles, the GPU and the ONNX/weights hashes it was built from are in the manifest
-  (`check_plan` compares them with this GPU and the ONNX files in the folder).
+* TensorRT:  ``<network>_<precision>_sm<cc>_trt<version>.plan`` (TensorRT-RTX: ``_rtx<version>``) and
+  ``.plan.json``; the plan's optimisation profiles, its identity (flavour, full version, GPU) and the
+  ONNX/weights hashes it was built from are in the manifest (`check_plan` compares them with this GPU
+  and hashes the ONNX files in the folder).
 
 Files are written atomically (a temporary file in the same folder, then a rename), so a crash or a
 failed build never leaves a half-written plan or manifest behind.
@@ -60,11 +61,13 @@ def profile_tag(ranges: Mapping[str, DimRange] = DEFAULT_RANGES) -> str:
     return ".".join(f"{k}{r.min}-{r.opt}-{r.max}" for k, r in sorted(ranges.items()))
 
 
-def plan_name(network: str, precision: str, compute_capability: tuple[int, int], trt_version: str) -> str:
-    """One plan per network, precision, GPU family and TensorRT version; its profiles are in the
+def plan_name(network: str, precision: str, compute_capability: tuple[int, int], trt_version: str,
+              flavour: str = "tensorrt") -> str:
+    """One plan per network, precision, GPU family, flavour and version; its profiles are in the
     manifest (the runtime reads them from there, never from the name)."""
     sm = f"{compute_capability[0]}{compute_capability[1]}"
-    return f"{network}_{precision}_sm{sm}_trt{trt_version}.plan"
+    tag = "rtx" if flavour == "tensorrt-rtx" else "trt"
+    return f"{network}_{precision}_sm{sm}_{tag}{trt_version}.plan"
 
 
 def timing_cache_name(compute_capability: tuple[int, int], trt_version: str) -> str:
@@ -73,13 +76,13 @@ def timing_cache_name(compute_capability: tuple[int, int], trt_version: str) -> 
 
 
 def rebuild_command(config: ModelConfig, precision: str, *, trt: bool = False, artifact_dir: Path | None = None,
-                    extra: str = "") -> str:
+                    extra: str = "", rtx: bool = False) -> str:
     """The command line that rebuilds artifacts for this configuration (quoted in every error).
     TensorRT plans are rebuilt from the ONNX files already in the folder (``--trt-only``)."""
     out = f" --out {artifact_dir}" if artifact_dir is not None else ""
     if trt:
         src = " --tiny-random" if config.name == "tiny" else ""
-        return f"{REBUILD_ONNX} --trt-only{src} --precision {precision}{out}{extra}"
+        return f"{REBUILD_ONNX} --trt-only{' --trt-rtx' if rtx else ''}{src} --precision {precision}{out}{extra}"
     src = "--tiny-random" if config.name == "tiny" else "--sdxl SDXL.safetensors --supir SUPIR-v0Q.ckpt"
     return f"{REBUILD_ONNX} {src} --precision {precision}{out}{extra}"
 
@@ -143,7 +146,7 @@ class Manifest:
     data) to its sha256; `source` says where the weights came from."""
 
     network: str
-    kind: Literal["onnx", "tensorrt"]
+    kind: Literal["onnx", "tensorrt", "tensorrt-rtx"]
     precision: str
     config_name: str
     config_fingerprint: str
@@ -169,7 +172,7 @@ class Manifest:
 
 
 def check_manifest(artifact: Path, *, spec: NetworkSpec, config: ModelConfig, precision: str,
-                   kind: Literal["onnx", "tensorrt"] = "onnx", verify_hash: bool = True,
+                   kind: Literal["onnx", "tensorrt", "tensorrt-rtx"] = "onnx", verify_hash: bool = True,
                    extra: Mapping[str, Any] | None = None) -> Manifest:
     """Refuse an artifact that is missing, altered, or built for another spec/config/precision.
 
@@ -177,7 +180,8 @@ def check_manifest(artifact: Path, *, spec: NetworkSpec, config: ModelConfig, pr
     Every error names the file and the command that rebuilds it.
     """
     artifact = Path(artifact)
-    fix = f"rebuild with: {rebuild_command(config, precision, trt=kind == 'tensorrt', artifact_dir=artifact.parent)}"
+    fix = ("rebuild with: " + rebuild_command(config, precision, trt=kind != "onnx", artifact_dir=artifact.parent,
+                                              rtx=kind == "tensorrt-rtx"))
     mpath = manifest_path(artifact)
     if not artifact.is_file():
         raise ArtifactError(f"{kind} artifact for {spec.name!r} ({precision}) not found: {artifact}; {fix}")
@@ -219,48 +223,70 @@ def check_manifest(artifact: Path, *, spec: NetworkSpec, config: ModelConfig, pr
 
 @dataclasses.dataclass(frozen=True)
 class GpuTarget:
-    """What a TensorRT plan is only valid for: the GPU model, its compute capability, the TensorRT version."""
+    """What a plan is only valid for (its identity): the GPU model and compute capability, the
+    flavour (TensorRT or TensorRT-RTX) and its full version, build number included (a default plan
+    loads only on the version that built it: docs.nvidia.com TensorRT "Version Compatibility")."""
 
     name: str
     compute_capability: tuple[int, int]
     tensorrt: str
+    flavour: str = "tensorrt"
 
     def fields(self) -> dict[str, str]:
         """The manifest `build` fields that must equal this target."""
         cc = self.compute_capability
-        return {"gpu_name": self.name, "compute_capability": f"{cc[0]}.{cc[1]}", "tensorrt": self.tensorrt}
+        return {"gpu_name": self.name, "compute_capability": f"{cc[0]}.{cc[1]}", "tensorrt": self.tensorrt,
+                "flavour": self.flavour}
+
+    def plan(self, folder: Path, network: str, precision: str) -> Path:
+        return Path(folder) / plan_name(network, precision, self.compute_capability, self.tensorrt, self.flavour)
 
 
 def check_plan(plan: Path, *, spec: NetworkSpec, config: ModelConfig, precision: str, target: GpuTarget,
                verify_hash: bool = True) -> Manifest:
-    """`check_manifest` for a TensorRT plan, plus: built for this GPU and TensorRT (`target`), and not
-    stale: the ONNX file it was built (or last refitted) from must still be the one in the folder
-    (same file hash and weights hash). Every refusal names the command that rebuilds the plan."""
+    """`check_manifest` for a TensorRT(-RTX) plan, plus: built for this GPU, flavour and version
+    (`target`), and not stale: the ONNX files it was built (or last refitted) from must still be in
+    the folder, with their manifest, and (``verify_hash``) hash to what the plan records. Every
+    refusal names the command that rebuilds the plan."""
     plan = Path(plan)
-    fix = rebuild_command(config, precision, trt=True, artifact_dir=plan.parent)
+    rtx = target.flavour == "tensorrt-rtx"
+    fix = rebuild_command(config, precision, trt=True, artifact_dir=plan.parent, rtx=rtx)
     if not plan.is_file():
         others = sorted(p.name for p in plan.parent.glob(f"{spec.name}_*.plan")) if plan.parent.is_dir() else []
         if others:
-            raise ArtifactError(f"no TensorRT plan {plan.name} for this GPU ({target.name}, compute capability "
-                                f"{target.fields()['compute_capability']}), TensorRT {target.tensorrt} and precision "
-                                f"{precision} in {plan.parent} (it holds {', '.join(others)}: other GPUs, TensorRT "
-                                f"versions or precisions); rebuild with: {fix}")
-    man = check_manifest(plan, spec=spec, config=config, precision=precision, kind="tensorrt",
+            raise ArtifactError(f"no {'TensorRT-RTX' if rtx else 'TensorRT'} plan {plan.name} for this GPU "
+                                f"({target.name}, compute capability {target.fields()['compute_capability']}), "
+                                f"version {target.tensorrt} and precision {precision} in {plan.parent} (it holds "
+                                f"{', '.join(others)}: other GPUs, TensorRT flavours or versions, or precisions); "
+                                f"rebuild with: {fix}")
+    man = check_manifest(plan, spec=spec, config=config, precision=precision, kind=target.flavour,
                          verify_hash=verify_hash, extra=target.fields())
-    onnx = plan.parent / man.build.get("onnx", "")
-    onnx_manifest = manifest_path(onnx)
-    if man.build.get("onnx") and onnx.is_file() and onnx_manifest.is_file():
-        current = Manifest.read(onnx_manifest)
-        built = (man.build.get("onnx_sha256"), man.weights_sha256)
-        now = (current.files.get(onnx.name), current.weights_sha256)
-        if built != now:
-            what = "its weights" if built[1] != now[1] else "the graph"
-            raise ArtifactError(
-                f"{plan} is stale: it was built from {onnx.name} sha256 {str(built[0])[:12]} (weights "
-                f"{str(built[1])[:12]}), the folder now holds sha256 {str(now[0])[:12]} (weights {str(now[1])[:12]}): "
-                f"{what} changed after the plan was built; rebuild with: {fix}"
-                + (f" (or, same architecture with other weights, refit it: {fix} --refit)"
-                   if man.build.get("refit") == "full" else ""))
+    onnx = plan.parent / man.build.get("onnx", onnx_name(spec.name, precision))
+    if not onnx.is_file() or not manifest_path(onnx).is_file():
+        missing = onnx if not onnx.is_file() else manifest_path(onnx)
+        raise ArtifactError(f"{plan}: the ONNX artifact it was built from is not beside it ({missing} is missing), "
+                            "so the plan cannot be checked for staleness (or refilled if stripped); keep the ONNX "
+                            f"files and their manifests with the plans, or export and rebuild: "
+                            f"{rebuild_command(config, precision, artifact_dir=plan.parent)} --trt"
+                            + (" --trt-rtx" if rtx else ""))
+    current = Manifest.read(manifest_path(onnx))
+    recorded = man.build.get("onnx_files") or {onnx.name: man.build.get("onnx_sha256")}
+    if verify_hash:
+        now_files = {name: file_sha256(plan.parent / name) if (plan.parent / name).is_file() else "missing"
+                     for name in recorded}
+    else:  # cheap: what the ONNX manifest says its files are
+        now_files = {name: current.files.get(name, "missing") for name in recorded}
+    built = (recorded, man.weights_sha256)
+    now = (now_files, current.weights_sha256)
+    if built != now:
+        what = "its weights" if built[1] != now[1] else "the graph"
+        changed = sorted(n for n in recorded if recorded[n] != now_files[n]) or [onnx.name]
+        raise ArtifactError(
+            f"{plan} is stale: it was built from {onnx.name} (weights {str(built[1])[:12]}), the folder now holds "
+            f"other bytes in {', '.join(changed)} (weights {str(now[1])[:12]}): {what} changed after the plan was "
+            f"built; rebuild with: {fix}"
+            + (f" (or, same architecture with other weights, refit it: {fix} --refit)"
+               if man.build.get("refit") == "full" else ""))
     return man
 
 

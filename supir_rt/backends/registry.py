@@ -26,7 +26,7 @@ OPTIONAL = frozenset(BUILTIN[1:])  # these need an optional dependency
 EngineFactory = Callable[..., dict[str, Engine]]
 BACKENDS: dict[str, tuple[Callable[[], str | None], EngineFactory]] = {}
 # `auto` tries these in order: fastest first. "torch" covers CPU and CUDA (`--device` chooses).
-AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime", "torch")
+AUTO_ORDER = ("tensorrt", "tensorrt-rtx", "onnxruntime-cuda", "onnxruntime", "torch")
 
 
 # name -> artifacts_reason(artifact_dir=, config=, precision=) -> None if the folder holds usable

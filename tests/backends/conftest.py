@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,24 @@ def torch_engines(tiny_model):
     from supir_rt.backends import open_engines
 
     return open_engines("torch", model=tiny_model)
+
+
+_SURFACE = re.compile(r"\[(trt10|trt11|rtx)[\]-]")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Counts per TensorRT stand-in surface (test ids ``[trt10]``, ``[trt11]``, ``[rtx]``)."""
+    counts: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            m = _SURFACE.search(getattr(report, "nodeid", "") or "")
+            if m and getattr(report, "when", "call") in ("call", "setup") and not (
+                    outcome == "passed" and report.when == "setup"):
+                counts.setdefault(m.group(1), {}).setdefault(outcome, 0)
+                counts[m.group(1)][outcome] += 1
+    if counts:
+        terminalreporter.write_sep("-", "TensorRT stand-in surfaces")
+        for surface in ("trt10", "trt11", "rtx"):
+            if surface in counts:
+                terminalreporter.write_line(f"{surface}: " + ", ".join(f"{n} {k}" for k, n in
+                                                                        sorted(counts[surface].items())))

@@ -1,25 +1,53 @@
-"""A stand-in for the TensorRT 10.x Python module, for CPU tests only.
+"""A versioned stand-in for TensorRT 10.x, TensorRT 11.x and TensorRT-RTX 1.x, for CPU tests only.
 
-Injected as ``sys.modules["tensorrt"]`` by the `fake_trt` fixture (tests/backends/test_tensorrt.py);
-its own name is ``fake_tensorrt``, so nothing outside the tests can import it as `tensorrt`.
+Injected as ``sys.modules["tensorrt"]`` (or ``["tensorrt_rtx"]``) by the `fake` fixture of
+tests/backends/test_tensorrt.py; its own name is ``fake_tensorrt``, so nothing outside the tests
+can import it as TensorRT. `reset(version, cc, flavour)` picks the API surface:
 
-It records calls and enforces the documented contracts of the real API rather than being lenient:
-failures are reported the way TensorRT reports them (None from `build_serialized_network`,
-`deserialize_cuda_engine` and `create_execution_context`; False from `set_input_shape`,
-`set_tensor_address`, `execute_async_v3`, `refit_cuda_engine`, `parse_from_file`; -1 from
-`add_optimization_profile`; RuntimeError from `IOptimizationProfile.set_shape` and
-`set_optimization_profile_async`), with a message through the logger. It enforces 256-byte
-alignment of tensor and device-memory addresses, input shapes within the active profile, a
-USER_MANAGED context having device memory of at least the reported size before it runs, TF32 on by
-default, strong typing excluding the FP16 flag, a plan loading only on the TensorRT version and
-compute capability that built it, refit rules (REFIT_IDENTICAL only with the built weights,
-stripped plans unusable until refitted), and the 10.0 / 10.1 split of the V1/V2 memory calls.
+* **10.x** (``reset("10.16.1.11")``; ``"10.0.1"`` for the oldest): the weakly/strongly typed
+  builder (BuilderFlag FP16 = 0 ... REFIT_IDENTICAL = 20, STRONGLY_TYPED = 1), V1 memory and
+  weight-streaming calls (deprecated from 10.1, with DeprecationWarning), V2 calls from 10.1;
+* **11.x** (``reset("11.4.0.106")``): strongly typed only, precision flags gone and the rest
+  renumbered (STRIP_PLAN 18, REFIT_IDENTICAL 19, WEIGHT_STREAMING 20; STRONGLY_TYPED = 0, ignored),
+  V1 memory / budget calls, ``create_execution_context_without_device_memory`` and
+  ``OnnxParser.supports_model`` removed;
+* **TensorRT-RTX 1.x** (``reset("1.7.1.116", flavour="tensorrt-rtx")``): the 11.x surface plus
+  ``ComputeCapability`` / ``set_compute_capability``, ``create_runtime_config``, runtime caches
+  and just-in-time compilation at ``create_execution_context(runtime_config)``.
 
-"GPU" memory is CPU memory: addresses are CPU tensors' data pointers, read and written with ctypes.
-The plan holds the ONNX graph (and its weights unless stripped); execution runs it with ONNX
-Runtime, so results are real. Execution also scribbles over the whole device memory it was given
-(as real activations would), so buffers overlapping the arena are caught. `FakeCuda` stands in for
-the backend's CUDA seam (streams, graph capture) and counts host synchronisations.
+What a version lacks raises AttributeError, like the real module. Failures are reported the way
+TensorRT reports them (None, False, -1, RuntimeError; message through the logger). Plans hold the
+ONNX graph (and its weights unless stripped) and execute through ONNX Runtime, so results are real;
+"GPU" memory is CPU memory read and written with ctypes, and execution scribbles over the whole
+arena it was given. `FakeCuda` stands in for the backend's CUDA seam and counts host syncs.
+
+Refusals **confirmed by NVIDIA's documents** (source in brackets; NVIDIA/TensorRT at v10.x/v11.1
+unless said): None from build_serialized_network / deserialize_cuda_engine and False from
+set_input_shape / set_tensor_address (unknown name) / execute_async_v3 / refit_cuda_engine / parse
+(NvInferRuntime.h, NvInfer.h); -1 from add_optimization_profile and RuntimeError from
+IOptimizationProfile.set_shape, set_optimization_profile_async, infer_shapes (pyCore.cpp);
+STRONGLY_TYPED + FP16 fails the build (NVIDIA/TensorRT#4253); a plan loads only on the version and
+compute capability that built it (docs.nvidia.com TensorRT "Version Compatibility"); the 11.x
+removals and renumbering (NvInfer.h v11.1; docs.nvidia.com "Migrating from TensorRT 10.x to 11.x");
+V1/V2 memory calls by version (pyCore.cpp v10.0.0, v10.1.0, v11.0); weight_streaming_budget_v2
+"cannot be modified while there are active IExecutionContexts" (NvInferRuntime.h; the Python
+setter drops the False, so the stand-in logs an error and keeps the old budget); REFIT_IDENTICAL
+refitted with other weights is undefined (NvInfer.h); TensorRT-RTX runtime config / cache calls
+(NVIDIA/TensorRT-RTX samples/apiUsage/python/api_usage.py; docs.nvidia.com TensorRT-RTX "Working
+with Runtime Cache").
+
+Refusals that are **ours** (stricter than anything documented, so that a runtime defect shows):
+a refittable build with more than one optimisation profile fails (NvInfer.h says
+addOptimizationProfile "may be called at most once when building a refittable engine"; whether the
+real builder refuses is unconfirmed); set_tensor_address / set_device_memory refuse addresses not
+256-byte aligned (documented as a requirement, the refusal is not); an enqueue on a USER_MANAGED
+context without enough device memory fails; a stripped plan run before its refit fails; writes to
+output buffers are bounded by the shapes `context.get_tensor_shape` reported (an overflow is an
+AssertionError, never memory corruption); a CUDA graph replayed after the context's input shapes
+changed, or device memory used after the backend retired it (`FakeCuda.retire`), is an
+AssertionError; a TensorRT plan given to TensorRT-RTX (or the reverse) fails to deserialise
+(real plans differ in format; the exact message is not documented); TensorRT-RTX weight streaming
+and V2 memory calls behave as TensorRT 11's (unconfirmed).
 """
 
 from __future__ import annotations
@@ -31,6 +59,7 @@ import enum
 import hashlib
 import json
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +70,7 @@ from onnx import numpy_helper
 MAGIC = b"FAKETRT-PLAN\n"
 CACHE_MAGIC = b"FAKETRT-CACHE\n"
 __version__ = "10.7.0"
+__name_as_imported__ = "tensorrt"
 
 
 @dataclass
@@ -49,6 +79,9 @@ class State:
 
     version: str = "10.7.0"
     cc: tuple[int, int] = (8, 9)
+    flavour: str = "tensorrt"
+    retired: list = field(default_factory=list)  # (ptr, nbytes) the backend freed
+    jit_compiles: int = 0
     fail_build: bool = False
     fail_context: bool = False
     calls: list = field(default_factory=list)
@@ -64,11 +97,25 @@ class State:
 STATE = State()
 
 
-def reset(version: str = "10.7.0", cc: tuple[int, int] = (8, 9)) -> State:
-    global STATE, __version__
-    STATE = State(version=version, cc=cc)
+def reset(version: str = "10.7.0", cc: tuple[int, int] = (8, 9), flavour: str = "tensorrt") -> State:
+    """A fresh state and the API surface of `flavour` `version` (see the module docstring)."""
+    global STATE, __version__, __name_as_imported__, BuilderFlag, NetworkDefinitionCreationFlag
+    STATE = State(version=version, cc=cc, flavour=flavour)
     __version__ = version
+    __name_as_imported__ = "tensorrt_rtx" if flavour == "tensorrt-rtx" else "tensorrt"
+    eleven = _strong_only()
+    BuilderFlag = BuilderFlag11 if eleven else BuilderFlag10
+    NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag11 if eleven else NetworkDefinitionCreationFlag10
+    module = globals()
+    if _rtx():
+        module["ComputeCapability"] = _ComputeCapability
+    else:
+        module.pop("ComputeCapability", None)
     return STATE
+
+
+def _rtx() -> bool:
+    return STATE.flavour == "tensorrt-rtx"
 
 
 def _v() -> tuple[int, int]:
@@ -76,9 +123,29 @@ def _v() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def _strong_only() -> bool:
+    """TensorRT 11.x and TensorRT-RTX: strongly typed networks only, the 11.x flag numbering."""
+    return _rtx() or _v() >= (11, 0)
+
+
+def _missing(what: str) -> AttributeError:
+    return AttributeError(f"'{__name_as_imported__}' {STATE.version} has no attribute {what!r}")
+
+
 def _since(version: tuple[int, int], what: str) -> None:
-    if _v() < version:
-        raise AttributeError(f"'tensorrt' {STATE.version} has no attribute {what!r}")
+    if not _rtx() and _v() < version:
+        raise _missing(what)
+
+
+def _until(version: tuple[int, int], what: str) -> None:
+    """Removed in `version` (and absent in TensorRT-RTX)."""
+    if _rtx() or _v() >= version:
+        raise _missing(what)
+
+
+def _rtx_only(what: str) -> None:
+    if not _rtx():
+        raise _missing(what)
 
 
 def _deprecated(since: tuple[int, int], instead: str) -> None:
@@ -88,7 +155,9 @@ def _deprecated(since: tuple[int, int], instead: str) -> None:
 
 # ------------------------------------------------------------------------------------------- enums
 
-class BuilderFlag(enum.IntEnum):
+class BuilderFlag10(enum.IntEnum):
+    """TensorRT 10.x (NvInfer.h v10.16)."""
+
     FP16 = 0
     INT8 = 1
     DEBUG = 2
@@ -108,14 +177,64 @@ class BuilderFlag(enum.IntEnum):
     BF16 = 17
     DISABLE_COMPILATION_CACHE = 18
     STRIP_PLAN = 19
+    WEIGHTLESS = 19
     REFIT_IDENTICAL = 20
     WEIGHT_STREAMING = 21
+    INT4 = 22
     REFIT_INDIVIDUAL = 23
+    FP4 = 26
 
 
-class NetworkDefinitionCreationFlag(enum.IntEnum):
+class BuilderFlag11(enum.IntEnum):
+    """TensorRT 11.x (NvInfer.h v11.1) and TensorRT-RTX: no precision flags, renumbered."""
+
+    DEBUG = 2
+    GPU_FALLBACK = 3
+    REFIT = 4
+    DISABLE_TIMING_CACHE = 5
+    TF32 = 6
+    SPARSE_WEIGHTS = 7
+    SAFETY_SCOPE = 8
+    DIRECT_IO = 11
+    VERSION_COMPATIBLE = 12
+    EXCLUDE_LEAN_RUNTIME = 13
+    ERROR_ON_TIMING_CACHE_MISS = 15
+    DISABLE_COMPILATION_CACHE = 17
+    STRIP_PLAN = 18
+    REFIT_IDENTICAL = 19
+    WEIGHT_STREAMING = 20
+    REFIT_INDIVIDUAL = 22
+    STRICT_NANS = 23
+    MONITOR_MEMORY = 24
+    EDITABLE_TIMING_CACHE = 26
+    DISTRIBUTIVE_INDEPENDENCE = 27
+
+
+class NetworkDefinitionCreationFlag10(enum.IntEnum):
     EXPLICIT_BATCH = 0
     STRONGLY_TYPED = 1
+
+
+class NetworkDefinitionCreationFlag11(enum.IntEnum):
+    STRONGLY_TYPED = 0  # deprecated and ignored: every network is strongly typed
+    PREFER_JIT_PYTHON_PLUGINS = 1
+    PREFER_AOT_PYTHON_PLUGINS = 2
+
+
+class _ComputeCapability(enum.IntEnum):
+    """TensorRT-RTX build targets (api_usage.py: CURRENT, SM75, SM89, SM120)."""
+
+    NONE = 0
+    CURRENT = 1
+    SM75 = 75
+    SM80 = 80
+    SM86 = 86
+    SM89 = 89
+    SM120 = 120
+
+
+BuilderFlag = BuilderFlag10
+NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag10
 
 
 class MemoryPoolType(enum.IntEnum):
@@ -215,7 +334,7 @@ class _Tensor:
 class INetworkDefinition:
     def __init__(self, flags: int) -> None:
         self.flags = flags
-        self.strongly_typed = bool(flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
+        self.strongly_typed = _strong_only() or bool(flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
         self.inputs: list[_Tensor] = []
         self.outputs: list[_Tensor] = []
         self.model: onnx.ModelProto | None = None
@@ -269,6 +388,11 @@ class OnnxParser:
     def get_error(self, i: int) -> ParserError:
         return self.errors[i]
 
+    def supports_model(self, model: bytes, path: str | None = None):
+        _until((11, 0), "supports_model")  # deprecated 10.1, removed 11.0
+        _deprecated((10, 1), "supports_model_v2")
+        return True, []
+
 
 class IOptimizationProfile:
     def __init__(self) -> None:
@@ -301,12 +425,32 @@ class ITimingCache:
 class IBuilderConfig:
     def __init__(self) -> None:
         self.flags = 1 << int(BuilderFlag.TF32)  # "Enabled by default"
+        self._targets: dict[int, int] = {}
         self.pools: dict = {}
         self.builder_optimization_level = 3
         self.profiles: list[IOptimizationProfile] = []
         self.timing_cache: ITimingCache | None = None
 
+    @property
+    def num_compute_capabilities(self) -> int:
+        _rtx_only("num_compute_capabilities")
+        return len(self._targets)
+
+    @num_compute_capabilities.setter
+    def num_compute_capabilities(self, n: int) -> None:
+        _rtx_only("num_compute_capabilities")
+        self._targets = {i: self._targets.get(i, 0) for i in range(n)}
+
+    def set_compute_capability(self, cc, index: int) -> bool:
+        _rtx_only("set_compute_capability")
+        if index not in self._targets:
+            return False
+        self._targets[index] = int(cc)
+        return True
+
     def set_flag(self, flag) -> None:
+        if not isinstance(flag, BuilderFlag):  # a flag of another version's enum
+            raise TypeError(f"set_flag(): incompatible function arguments: {flag!r}")
         self.flags |= 1 << int(flag)
 
     def clear_flag(self, flag) -> None:
@@ -397,7 +541,7 @@ class Builder:
                  else "none")
         stripped = config.get_flag(BuilderFlag.STRIP_PLAN)
         plan = {
-            "version": STATE.version, "cc": list(STATE.cc),
+            "version": STATE.version, "cc": list(STATE.cc), "flavour": STATE.flavour,
             "flags": sorted(f.name for f in BuilderFlag if config.get_flag(f)),
             "inputs": [[t.name, int(t.dtype), list(t.shape)] for t in network.inputs],
             "outputs": [[t.name, int(t.dtype), list(t.shape)] for t in network.outputs],
@@ -405,6 +549,7 @@ class Builder:
             "refit": refit, "stripped": stripped,
             "streaming": config.get_flag(BuilderFlag.WEIGHT_STREAMING),
             "built_weights": {k: _digest(v) for k, v in _weights(network.model).items()},
+            "model_digest": hashlib.sha256(_strip(network.model).SerializeToString()).hexdigest()[:16],
             "model": base64.b64encode((_strip(network.model) if stripped else network.model)
                                       .SerializeToString()).decode(),
         }
@@ -416,9 +561,14 @@ class Builder:
             return "out of memory while building (forced by the test)"
         if network.model is None:
             return "the network is empty"
-        if network.strongly_typed and any(config.get_flag(f) for f in (BuilderFlag.FP16, BuilderFlag.BF16,
-                                                                        BuilderFlag.INT8)):
+        precision = [getattr(BuilderFlag, n) for n in ("FP16", "BF16", "INT8") if hasattr(BuilderFlag, n)]
+        if network.strongly_typed and any(config.get_flag(f) for f in precision):
             return "Parameter check failed, condition: !config.getFlag(BuilderFlag::kFP16)"
+        refittable = any(config.get_flag(f) for f in (BuilderFlag.REFIT, BuilderFlag.REFIT_IDENTICAL,
+                                                      BuilderFlag.STRIP_PLAN))
+        if refittable and len(config.profiles) > 1:
+            return ("(stand-in) more than one optimization profile in a refittable engine (NvInfer.h: "
+                    "addOptimizationProfile may be called at most once when building a refittable engine)")
         if config.get_flag(BuilderFlag.WEIGHT_STREAMING) and not network.strongly_typed:
             return "weight streaming needs a strongly typed network"
         if config.get_flag(BuilderFlag.REFIT_INDIVIDUAL) and config.get_flag(BuilderFlag.REFIT):
@@ -455,6 +605,10 @@ class Runtime:
         except ValueError:
             _error(self.logger, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization (truncated plan)")
             return None
+        if plan.get("flavour", "tensorrt") != STATE.flavour:
+            _error(self.logger, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization (Serialization "
+                                "assertion plan flavour failed: a plan of another TensorRT flavour)")
+            return None
         if plan["version"] != STATE.version:
             _error(self.logger, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization (Serialization "
                                 "assertion stdVersionRead == kSERIALIZATION_VERSION failed.Version tag does not match.)")
@@ -478,6 +632,8 @@ class ICudaEngine:
         self.streamable = sum(_nbytes(i) for i in self.model.graph.initializer) if plan["streaming"] else 0
         self._budget = self.streamable
         self._session = None
+        self._contexts: weakref.WeakSet = weakref.WeakSet()
+        self._output_shapes: dict[tuple, dict[str, tuple]] = {}
 
     # I/O by name
     num_io_tensors = property(lambda self: len(self.names))
@@ -514,6 +670,7 @@ class ICudaEngine:
 
     @property
     def device_memory_size(self) -> int:
+        _until((11, 0), "device_memory_size")
         _deprecated((10, 1), "device_memory_size_v2")
         return max(self._profile_bytes(i) for i in range(len(self.plan["profiles"])))
 
@@ -523,6 +680,7 @@ class ICudaEngine:
         return max(self._profile_bytes(i) for i in range(len(self.plan["profiles"])))
 
     def get_device_memory_size_for_profile(self, profile_index: int) -> int:
+        _until((11, 0), "get_device_memory_size_for_profile")
         _deprecated((10, 1), "get_device_memory_size_for_profile_v2")
         return self._profile_bytes(profile_index)
 
@@ -548,19 +706,40 @@ class ICudaEngine:
             _error(self.logger, "ICudaEngine::setWeightStreamingBudgetV2: engine was not built with kWEIGHT_STREAMING")
         elif value < 0:
             _error(self.logger, "ICudaEngine::setWeightStreamingBudgetV2: budget must be >= 0")
+        elif len(self._contexts):
+            _error(self.logger, "ICudaEngine::setWeightStreamingBudgetV2: the weights streaming budget cannot be "
+                                "modified while there are active IExecutionContexts")
         else:
             self._budget = min(int(value), self.streamable)
 
+    def create_runtime_config(self) -> IRuntimeConfig:
+        _since((10, 11), "create_runtime_config")
+        return IRuntimeConfig()
+
     def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC) -> IExecutionContext | None:
+        config = strategy if isinstance(strategy, IRuntimeConfig) else None
+        if config is not None:
+            strategy = config.strategy
+        elif _rtx():
+            strategy = ExecutionContextAllocationStrategy(strategy)  # pybind overload; JIT without a cache
         STATE.calls.append(("create_execution_context", ExecutionContextAllocationStrategy(strategy).name))
         if STATE.fail_context:
             _error(self.logger, "IExecutionContext creation failed: Cuda Runtime (out of memory)")
             return None
+        if _rtx():  # just-in-time compilation for this GPU, reusing what the runtime cache holds
+            cache = config.cache if config is not None else None
+            key = f"{self.plan['model_digest']}@sm{STATE.cc[0]}{STATE.cc[1]}"
+            if cache is None or key not in cache.kernels:
+                STATE.jit_compiles += 1
+                if cache is not None:
+                    cache.kernels.add(key)
         ctx = IExecutionContext(self, ExecutionContextAllocationStrategy(strategy))
         STATE.contexts.append(ctx)
+        self._contexts.add(ctx)
         return ctx
 
     def create_execution_context_without_device_memory(self) -> IExecutionContext | None:
+        _until((11, 0), "create_execution_context_without_device_memory")
         _deprecated((10, 0), "create_execution_context")
         return self.create_execution_context(ExecutionContextAllocationStrategy.USER_MANAGED)
 
@@ -578,6 +757,63 @@ class ICudaEngine:
             self._session = ort.InferenceSession(self.model.SerializeToString(), so,
                                                  providers=["CPUExecutionProvider"])
         return self._session.run(None, feeds)
+
+
+# ------------------------------------------------------------------------- runtime config (RTX, 10.11+)
+
+class IRuntimeCache:
+    """TensorRT-RTX's cache of just-in-time kernels: serialises to bytes tagged with the version and
+    GPU; `deserialize` refuses a cache of another GPU or of a newer version (NVIDIA's checks)."""
+
+    def __init__(self) -> None:
+        self.kernels: set[str] = set()
+
+    def serialize(self) -> HostMemory:
+        return HostMemory(CACHE_MAGIC + json.dumps({"version": STATE.version, "cc": list(STATE.cc),
+                                                    "kernels": sorted(self.kernels)}).encode())
+
+    def deserialize(self, blob) -> bool:
+        data = bytes(blob)
+        if not data.startswith(CACHE_MAGIC):
+            return False
+        try:
+            d = json.loads(data[len(CACHE_MAGIC):])
+        except ValueError:
+            return False
+        newer = tuple(int(x) for x in d["version"].split(".")[:3]) > tuple(int(x) for x in STATE.version.split(".")[:3])
+        if tuple(d["cc"]) != tuple(STATE.cc) or newer:
+            return False
+        self.kernels = set(d["kernels"])
+        return True
+
+    def reset(self) -> bool:
+        self.kernels.clear()
+        return True
+
+
+class IRuntimeConfig:
+    def __init__(self) -> None:
+        self.strategy = ExecutionContextAllocationStrategy.STATIC
+        self.cache: IRuntimeCache | None = None
+
+    def set_execution_context_allocation_strategy(self, strategy) -> None:
+        self.strategy = ExecutionContextAllocationStrategy(strategy)
+
+    def get_execution_context_allocation_strategy(self):
+        return self.strategy
+
+    def create_runtime_cache(self) -> IRuntimeCache:
+        _rtx_only("create_runtime_cache")
+        return IRuntimeCache()
+
+    def set_runtime_cache(self, cache: IRuntimeCache) -> bool:
+        _rtx_only("set_runtime_cache")
+        self.cache = cache
+        return True
+
+    def get_runtime_cache(self) -> IRuntimeCache | None:
+        _rtx_only("get_runtime_cache")
+        return self.cache
 
 
 # ----------------------------------------------------------------------------------------- refit
@@ -660,9 +896,24 @@ def _read(ptr: int, shape: tuple, dtype: DataType) -> np.ndarray:
     return np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=np_dtype).reshape(shape).copy()
 
 
-def _write(ptr: int, value: np.ndarray) -> None:
+def _write(ptr: int, value: np.ndarray, declared: tuple, name: str) -> None:
+    """Write an output, never past what `get_tensor_shape` declared (the runtime sized its buffer
+    from that): a larger result is an AssertionError here, not memory corruption."""
     value = np.ascontiguousarray(value)
+    assert tuple(value.shape) == tuple(declared), (
+        f"stand-in: output {name} is {tuple(value.shape)}, but get_tensor_shape declared {tuple(declared)}")
     ctypes.memmove(ptr, value.ctypes.data, value.nbytes)
+
+
+def _revive(ptr: int, nbytes: int) -> None:
+    """Memory handed to a context again is live (the allocator may reuse a retired address)."""
+    STATE.retired = [(old, size) for old, size in STATE.retired if not (ptr < old + size and old < ptr + nbytes)]
+
+
+def _assert_live(ptr: int, nbytes: int, what: str) -> None:
+    for old, size in STATE.retired:
+        assert not (ptr < old + size and old < ptr + nbytes), (
+            f"stand-in: {what} uses device memory {ptr:#x} that the backend freed (retired {old:#x}+{size})")
 
 
 class IExecutionContext:
@@ -685,6 +936,7 @@ class IExecutionContext:
     def device_memory(self, ptr: int) -> None:
         self.calls.append(("device_memory", ptr))
         self.memory = (ptr, None)
+        _revive(ptr, 1)
 
     def set_device_memory(self, memory: int, size: int) -> None:
         _since((10, 1), "set_device_memory")
@@ -693,6 +945,7 @@ class IExecutionContext:
             self._err("IExecutionContext::setDeviceMemoryV2: memory must be 256-byte aligned")
             return
         self.memory = (memory, size)
+        _revive(memory, size)
 
     def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> bool:
         self.calls.append(("set_optimization_profile_async", profile_index))
@@ -732,9 +985,30 @@ class IExecutionContext:
     def get_tensor_address(self, name: str) -> int:
         return self.addresses.get(name, 0)
 
-    def _output_shapes(self) -> dict[str, tuple]:
-        # the stand-in resolves output shapes by running shape inference through ONNX Runtime (below)
-        return {}
+    def infer_shapes(self) -> list[str]:
+        """Names of inputs whose shapes are still unknown ([] when every output shape is known)."""
+        return [n for n, (m, _, _) in self.engine.io.items() if m == TensorIOMode.INPUT and n not in self.shapes]
+
+    def get_tensor_shape(self, name: str) -> Dims:
+        """Inputs: as set. Outputs: resolved from the input shapes (by a run of the graph on zeros, once
+        per input shape); -1 dims until every input shape is set."""
+        e = self.engine
+        if name not in e.io:
+            return Dims((-1,))
+        if e.io[name][0] == TensorIOMode.INPUT:
+            return Dims(self.shapes.get(name, e.io[name][2]))
+        if self.infer_shapes():
+            return Dims(e.io[name][2])
+        return Dims(self._output_shapes(dict(self.shapes))[name])
+
+    def _output_shapes(self, shapes: dict[str, tuple]) -> dict[str, tuple]:
+        e = self.engine
+        key = tuple(sorted(shapes.items()))
+        if key not in e._output_shapes:
+            zeros = {n: np.zeros(s, dtype=_NP[e.io[n][1]]) for n, s in shapes.items()}
+            outs = e.run(zeros)
+            e._output_shapes[key] = {n: tuple(v.shape) for (n, _, _), v in zip(e.plan["outputs"], outs)}
+        return e._output_shapes[key]
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         self.calls.append(("execute_async_v3", stream_handle))
@@ -764,19 +1038,27 @@ class IExecutionContext:
             if e.plan["streaming"] and e._budget < e.streamable:
                 self._err("enqueueV3 is synchronous while weights stream and cannot be captured")
                 return False
-            STATE.captured.append(lambda: self._compute(*snapshot))
+            STATE.captured.append(lambda: self._replay(*snapshot))
             return True
         self._compute(*snapshot)
         return True
 
+    def _replay(self, shapes, addresses, memory, need) -> None:
+        assert dict(self.shapes) == shapes, (
+            f"stand-in: a CUDA graph captured with input shapes {shapes} replayed while the context has "
+            f"{dict(self.shapes)}")
+        self._compute(shapes, addresses, memory, need)
+
     def _compute(self, shapes, addresses, memory, need) -> None:
         e = self.engine
+        declared = self._output_shapes(shapes)
         feeds = {n: _read(addresses[n], shapes[n], e.io[n][1]) for n in shapes}
         if memory is not None:  # activations overwrite the whole arena
+            _assert_live(memory[0], need, "the context's activation memory")
             ctypes.memset(memory[0], 0x5A, need)
         outs = e.run(feeds)
         for (name, _, _), value in zip(e.plan["outputs"], outs):
-            _write(addresses[name], value.astype(_NP[e.io[name][1]]))
+            _write(addresses[name], value.astype(_NP[e.io[name][1]]), declared[name], name)
         STATE.executions += 1
 
 
@@ -815,10 +1097,13 @@ class FakeCuda:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def target(self, trt_version: str):
+    def target(self, trt_version: str, flavour: str = "tensorrt"):
         from supir_rt.backends.manifest import GpuTarget
 
-        return GpuTarget(self.name, tuple(STATE.cc), trt_version)
+        return GpuTarget(self.name, tuple(STATE.cc), trt_version, flavour)
+
+    def retire(self, ptr: int, nbytes: int) -> None:
+        STATE.retired.append((ptr, nbytes))
 
     def new_stream(self, device) -> FakeStream:
         s = FakeStream()

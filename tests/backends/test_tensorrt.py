@@ -1,11 +1,14 @@
-"""The TensorRT backend and build, run on CPU through a stand-in `tensorrt` module (fake_tensorrt.py).
+"""The TensorRT backends and build, run on CPU through a versioned stand-in (fake_tensorrt.py).
 
-The stand-in enforces TensorRT's documented contracts (return values, 256-byte alignment, profile
-bounds, device-memory sizes, USER_MANAGED memory before enqueue, refit rules, version tags) and
-executes the plan's ONNX graph with ONNX Runtime, so results are checked against ONNX Runtime on the
-same ONNX files (an independent runtime). Each of the six defects of issue 12 has a test here that
-fails if it comes back (marked "defect N"). What only a GPU with TensorRT can confirm is in
-tests/backends/test_tensorrt_gpu.py and docs/engines.md.
+Every test that takes the `fake` fixture runs three times, once per API surface of the stand-in:
+``[trt10]`` (TensorRT 10.16), ``[trt11]`` (TensorRT 11.4) and ``[rtx]`` (TensorRT-RTX 1.7, through
+the ``tensorrt-rtx`` backend); the counts per surface are printed at the end of the run. The
+stand-in enforces TensorRT's documented contracts (return values, alignment, profile bounds,
+device-memory sizes, refit rules, version tags, what each version lacks) and executes the plan's
+ONNX graph with ONNX Runtime, so results are checked against ONNX Runtime on the same ONNX files
+(an independent runtime). Each of the six defects of issue 12 has a test here that fails if it
+comes back (marked "defect N"), and so do the four of issue 20 (docstrings say how each was
+checked). What only a GPU with TensorRT can confirm is in tests/backends/test_tensorrt_gpu.py.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -34,21 +38,38 @@ sys.path.insert(0, str(REPO / "export"))
 import build_trt  # noqa: E402
 
 PREC = "fp32"  # the stand-in runs the tiny fp32 graphs; precision only names the files
-PROFILES = default_profiles(static_latent=(8, 8), tile_latent=16, tile_batch=2,
-                            dynamic={"B": DimRange(1, 1, 2), "h": DimRange(8, 16, 32), "w": DimRange(8, 16, 32)})
+DYNAMIC = {"B": DimRange(1, 1, 2), "h": DimRange(8, 16, 32), "w": DimRange(8, 16, 32)}
+PROFILES = default_profiles(static_latent=(8, 8), tile_latent=16, tile_batch=2, dynamic=DYNAMIC)
 BUILD = build_trt.BuildConfig(profiles=PROFILES)
-FULL = dataclasses.replace(BUILD, refit="full")
+ONE = build_trt.BuildConfig(profiles=default_profiles(static_latent=None, tile_latent=None, dynamic=DYNAMIC))
+FULL = dataclasses.replace(ONE, refit="full")  # a refittable plan holds one profile (NvInfer.h)
 SMALL = ("text_encoders", "vae_decoder")  # the cheapest networks, for flows that need no UNet
+# the stand-in's API surfaces: test id -> (version, flavour)
+SURFACES = {"trt10": ("10.16.1.11", "tensorrt"), "trt11": ("11.4.0.106", "tensorrt"),
+            "rtx": ("1.7.1.116", "tensorrt-rtx")}
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    """`tensorrt` is the stand-in (10.7, compute capability 8.9) and the backend's CUDA seam is FakeCuda."""
-    fake_tensorrt.reset("10.7.0", (8, 9))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+def use_surface(monkeypatch, version: str, flavour: str = "tensorrt", cc=(8, 9)) -> None:
+    fake_tensorrt.reset(version, cc, flavour)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx" if flavour == "tensorrt-rtx" else "tensorrt", fake_tensorrt)
+
+
+@pytest.fixture(params=list(SURFACES))
+def fake(request, monkeypatch):
+    """The stand-in as TensorRT 10.x, 11.x or TensorRT-RTX (compute capability 8.9); the backend's
+    CUDA seam is FakeCuda."""
+    use_surface(monkeypatch, *SURFACES[request.param])
     cuda = fake_tensorrt.FakeCuda()
     monkeypatch.setattr(tb, "default_cuda", lambda: cuda)
     return cuda
+
+
+def flavour() -> str:
+    return fake_tensorrt.STATE.flavour
+
+
+def rebuild_prefix() -> str:
+    return "--trt-only --trt-rtx --tiny-random" if flavour() == "tensorrt-rtx" else "--trt-only --tiny-random"
 
 
 @pytest.fixture
@@ -60,16 +81,17 @@ def folder(tiny_onnx_dir, tmp_path):
 
 
 def build(cfg, folder, networks=SMALL, build=BUILD, **kw):
-    return build_trt.build_all(cfg, folder, precision=PREC, networks=networks, build=build, **kw)
+    return build_trt.build_all(cfg, folder, precision=PREC, networks=networks, build=build, flavour=flavour(), **kw)
 
 
 def open_trt(cfg, folder, networks=SMALL, **kw):
-    return open_engines("tensorrt", config=cfg, artifact_dir=folder, precision=PREC,
+    return open_engines(flavour(), config=cfg, artifact_dir=folder, precision=PREC,
                         networks=None if networks is None else list(networks), **kw)
 
 
 def plan_of(folder, network):
-    return folder / plan_name(network, PREC, fake_tensorrt.STATE.cc, fake_tensorrt.STATE.version)
+    s = fake_tensorrt.STATE
+    return folder / plan_name(network, PREC, s.cc, s.version, s.flavour)
 
 
 def edit_plan(plan: Path, change) -> None:
@@ -113,18 +135,18 @@ def test_defect2_stale_plan_is_refused_after_reexport(fake, tiny_config, folder)
     export_all(build_model(tiny_config), folder, precision=PREC, networks=["vae_decoder"], progress=False)
     with pytest.raises(ArtifactError, match="is stale.*weights changed after the plan was built") as err:
         open_trt(tiny_config, folder, networks=["vae_decoder"])
-    assert f"python export/build_engines.py --trt-only --tiny-random --precision {PREC} --out {folder}" in str(err.value)
+    assert f"python export/build_engines.py {rebuild_prefix()} --precision {PREC} --out {folder}" in str(err.value)
 
 
 @pytest.mark.parametrize("field,value", [("gpu_name", "NVIDIA A100"), ("compute_capability", "8.0"),
-                                         ("tensorrt", "10.3.0")])
+                                         ("tensorrt", "10.3.0"), ("flavour", "other")])
 def test_defect2_plan_for_another_gpu_or_tensorrt_is_refused(fake, tiny_config, folder, field, value):
     build(tiny_config, folder, networks=["text_encoders"])
     path = manifest_path(plan_of(folder, "text_encoders"))
     man = Manifest.read(path)
     dataclasses.replace(man, build={**man.build, field: value}).write(path)
     with pytest.raises(ArtifactError, match=f"{field} is '{value}'.*rebuild with: python export/build_engines.py "
-                                            "--trt-only --tiny-random"):
+                                            f"{rebuild_prefix()}"):
         open_trt(tiny_config, folder, networks=["text_encoders"])
 
 
@@ -163,7 +185,7 @@ def test_defect4_out_of_profile_request_names_the_profiles_and_the_flag(fake, ti
         engine.infer(sample(engine.spec, {"B": 1, "h": 40, "w": 8}))
     msg = str(err.value)
     assert "h 40" in msg and "static (B 1, h 8, w 8)" in msg and "dynamic (B 1..2, h 8..32, w 8..32)" in msg
-    assert "--trt-only --tiny-random" in msg and "--latent 8 40 256" in msg
+    assert rebuild_prefix() in msg and "--latent 8 40 256" in msg
     assert not any(c[0] == "execute_async_v3" for c in engine.context.calls), "nothing ran on stale shapes"
 
 
@@ -280,16 +302,27 @@ def test_corrupt_plan_is_refused(fake, tiny_config, folder):
         open_trt(tiny_config, folder, networks=["vae_decoder"], verify_hash=False)
 
 
-@pytest.mark.parametrize("version,match", [("9.3.0", "needs TensorRT 10.x"), ("11.1.0", "11.x is not supported")])
-def test_tensorrt_version_is_enforced(fake, version, match):
-    fake_tensorrt.reset(version)
-    with pytest.raises(ImportError, match=match):
-        tb.require_tensorrt()
-    assert match.split()[0] in tb.tensorrt_unavailable()
+@pytest.mark.parametrize("version,flavour", [("9.3.0", "tensorrt"), ("12.0.1", "tensorrt"),
+                                             ("2.0.0", "tensorrt-rtx")])
+def test_unsupported_versions_are_refused_with_the_install_line(monkeypatch, version, flavour):
+    use_surface(monkeypatch, version, flavour)
+    want = "TensorRT-RTX 1.x-1.x: pip install tensorrt-rtx" if flavour == "tensorrt-rtx" else (
+        "TensorRT 10.x-11.x: pip install 'tensorrt>=10,<12'")
+    with pytest.raises(ImportError, match=re.escape(f"{version} is installed; supir-rt needs {want}")):
+        tb.require_tensorrt(flavour)
+    assert want in tb.tensorrt_unavailable(flavour=flavour)
 
 
-def test_tensorrt_10_0_uses_the_v1_memory_calls(fake, tiny_config, folder, ort_engines):
-    fake_tensorrt.reset("10.0.1")
+@pytest.mark.parametrize("version", ["10.0.1", "10.16.1.11", "11.4.0.106"])
+def test_tensorrt_10_and_11_are_both_accepted(monkeypatch, version):
+    use_surface(monkeypatch, version)
+    assert tb.require_tensorrt() is fake_tensorrt
+
+
+def test_tensorrt_10_0_uses_the_v1_memory_calls(fake, tiny_config, folder, ort_engines, monkeypatch):
+    if (fake_tensorrt.STATE.version, flavour()) != SURFACES["trt10"]:
+        pytest.skip("runs once, from the TensorRT 10.x surface")
+    use_surface(monkeypatch, "10.0.1")
     build(tiny_config, folder, networks=["vae_decoder"])
     engine = open_trt(tiny_config, folder, networks=["vae_decoder"])["vae_decoder"]
     assert_like_ort(engine, ort_engines["vae_decoder"], sample(engine.spec, {"B": 1, "h": 8, "w": 8}))
@@ -298,8 +331,10 @@ def test_tensorrt_10_0_uses_the_v1_memory_calls(fake, tiny_config, folder, ort_e
 
 def test_missing_plans_say_which_exist(fake, tiny_config, folder):
     build(tiny_config, folder, networks=["vae_decoder"])
-    fake_tensorrt.reset("10.8.0")
-    with pytest.raises(ArtifactError, match=r"no TensorRT plan .*TensorRT 10.8.0.*vae_decoder_fp32_sm89_trt10.7.0"):
+    old = plan_of(folder, "vae_decoder").name
+    other = {"tensorrt": "10.8.0.43", "tensorrt-rtx": "1.6.1.120"}[flavour()]
+    fake_tensorrt.reset(other, flavour=flavour())
+    with pytest.raises(ArtifactError, match=rf"no TensorRT\S* plan .*version {other}.*{re.escape(old)}.*rebuild with"):
         open_trt(tiny_config, folder, networks=["vae_decoder"])
 
 
@@ -308,19 +343,28 @@ def test_missing_plans_say_which_exist(fake, tiny_config, folder):
 def test_matching_plan_is_reused_and_timing_cache_kept(fake, tiny_config, folder, caplog):
     caplog.set_level(logging.INFO)
     assert [a for _, a in build(tiny_config, folder)] == ["built", "built"]
-    cache = folder / timing_cache_name((8, 9), "10.7.0")
-    assert cache.is_file() and len(json.loads(cache.read_bytes()[len(fake_tensorrt.CACHE_MAGIC):])["entries"]) >= 1
+    cache = folder / timing_cache_name((8, 9), fake_tensorrt.STATE.version)
+    if flavour() == "tensorrt-rtx":  # TensorRT-RTX ignores a timing cache: none is kept
+        assert not list(folder.glob("timing_*"))
+    else:
+        assert cache.is_file() and len(json.loads(cache.read_bytes()[len(fake_tensorrt.CACHE_MAGIC):])["entries"]) >= 1
     builds = sum(c[0] == "build" for c in fake_tensorrt.STATE.calls)
     assert [a for _, a in build(tiny_config, folder)] == ["reused", "reused"]
     assert sum(c[0] == "build" for c in fake_tensorrt.STATE.calls) == builds
     assert [a for _, a in build(tiny_config, folder, build=dataclasses.replace(BUILD, optimization_level=2))] == [
         "built", "built"]
     assert "no timing cache" not in caplog.text.split("reusing")[-1]
+    onnx = folder / onnx_name("vae_decoder", PREC)  # the ONNX file itself is hashed, not only its manifest
+    onnx.write_bytes(onnx.read_bytes() + b" ")
+    with pytest.raises(ArtifactError, match="vae_decoder_fp32.onnx has changed since it was built"):
+        build(tiny_config, folder)
 
 
 def test_timing_cache_from_another_gpu_is_replaced(fake, tiny_config, folder, caplog):
+    if flavour() == "tensorrt-rtx":
+        pytest.skip("TensorRT-RTX keeps no timing cache")
     build(tiny_config, folder, networks=["text_encoders"])
-    cache = folder / timing_cache_name((8, 9), "10.7.0")
+    cache = folder / timing_cache_name((8, 9), fake_tensorrt.STATE.version)
     data = json.loads(cache.read_bytes()[len(fake_tensorrt.CACHE_MAGIC):])
     cache.write_bytes(fake_tensorrt.CACHE_MAGIC + json.dumps({**data, "cc": [8, 0]}).encode())
     build(tiny_config, folder, networks=["text_encoders"], reuse=False)
@@ -359,23 +403,24 @@ def test_refit_puts_other_weights_into_the_plan(fake, tiny_config, folder):
 
 
 def test_refit_of_an_identical_weights_plan_is_refused(fake, tiny_config, folder):
-    build(tiny_config, folder, networks=["vae_decoder"])
+    build(tiny_config, folder, networks=["vae_decoder"], build=ONE)
     _reexport(tiny_config, folder, ["vae_decoder"])
     with pytest.raises(ArtifactError, match="refit='identical'.*--trt-refittable full"):
-        build(tiny_config, folder, networks=["vae_decoder"], refit=True)
+        build(tiny_config, folder, networks=["vae_decoder"], build=ONE, refit=True)
 
 
 def test_stripped_plan_is_small_and_filled_from_the_onnx(fake, tiny_config, folder, ort_engines):
-    (full, _), = build(tiny_config, folder, networks=["vae_decoder"])
+    (full, _), = build(tiny_config, folder, networks=["vae_decoder"], build=ONE)
     size = full.stat().st_size
     (stripped, _), = build(tiny_config, folder, networks=["vae_decoder"],
-                           build=dataclasses.replace(BUILD, strip_weights=True))
+                           build=dataclasses.replace(ONE, strip_weights=True))
     assert stripped.stat().st_size < size / 2
     engine = open_trt(tiny_config, folder, networks=["vae_decoder"])["vae_decoder"]
     assert_like_ort(engine, ort_engines["vae_decoder"], sample(engine.spec, {"B": 1, "h": 8, "w": 8}))
     engine.close()
     (folder / onnx_name("vae_decoder", PREC)).unlink()
-    with pytest.raises(ArtifactError, match="built without weights.*missing"):
+    with pytest.raises(ArtifactError, match="ONNX artifact it was built from is not beside it.*vae_decoder_fp32.onnx "
+                                            "is missing"):
         open_trt(tiny_config, folder, networks=["vae_decoder"])
 
 
@@ -405,7 +450,7 @@ def test_auto_picks_tensorrt_only_with_valid_plans(fake, tiny_config, folder, ca
     line, = [r.getMessage() for r in caplog.records if r.getMessage().startswith("backend auto")]
     assert "tensorrt" in line and "not found" in line
     build(tiny_config, folder, networks=None)
-    assert resolve_backend("auto", needs_artifacts=True, artifacts=artifacts) == "tensorrt"
+    assert resolve_backend("auto", needs_artifacts=True, artifacts=artifacts) == flavour()
 
 
 @pytest.mark.slow
@@ -434,7 +479,7 @@ def test_build_command_with_the_stand_in(fake, folder, caplog):
     import build_engines
 
     caplog.set_level(logging.INFO)
-    args = ["--trt-only", "--tiny-random", "--precision", PREC, "--out", str(folder), "--networks", "text_encoders",
+    args = [*rebuild_prefix().split(), "--precision", PREC, "--out", str(folder), "--networks", "text_encoders",
             "--static-latent", "8", "--tile-latent", "16", "--tile-batch", "2", "--batch", "1", "1", "2",
             "--latent", "8", "16", "32", "--no-tf32"]
     assert build_engines.main(args) == 0
@@ -448,13 +493,17 @@ def test_build_command_with_the_stand_in(fake, folder, caplog):
 
 @pytest.mark.parametrize("bad,match", [(["--latent", "32", "16", "8"], "needs 1 <= min <= opt <= max"),
                                        (["--trt-strip", "--trt-refittable", "none"], "must be refittable"),
+                                       (["--trt-refittable", "full"], "may hold one optimisation profile only"),
+                                       (["--trt-strip"], "stripped weights need a refittable plan"),
                                        (["--trt-weight-budget", "lots"], "--trt-weight-budget")])
 def test_build_command_bad_input_is_one_error_line(fake, folder, capsys, bad, match):
     import build_engines
 
-    rc = build_engines.main(["--trt-only", "--tiny-random", "--out", str(folder), *bad])
+    before = sorted(folder.iterdir())
+    rc = build_engines.main([*rebuild_prefix().split(), "--out", str(folder), *bad])
     err = capsys.readouterr().err
     assert rc == 2 and match in err and "Traceback" not in err
+    assert sorted(folder.iterdir()) == before, "nothing written"
 
 
 def test_unavailable_backend_says_why():
@@ -478,6 +527,7 @@ def test_build_command_explains_missing_tensorrt(tmp_path, capsys):
 
 def test_stand_in_is_not_importable_as_tensorrt():
     assert sys.modules.get("tensorrt") is not fake_tensorrt
+    assert sys.modules.get("tensorrt_rtx") is not fake_tensorrt
     assert fake_tensorrt.__name__ == "fake_tensorrt"
 
 
@@ -500,15 +550,217 @@ def test_cli_restore_over_tensorrt_missing_then_built_plans(fake, folder, tmp_pa
     work = tmp_path_factory.mktemp("cli")
     src = work / "in.png"
     Image.fromarray(torch.arange(50 * 40 * 3).reshape(40, 50, 3).remainder(256).to(torch.uint8).numpy()).save(src)
-    args = ["restore", str(src), "-o", str(work / "out.png"), "--tiny-random", "--backend", "tensorrt",
+    args = ["restore", str(src), "-o", str(work / "out.png"), "--tiny-random", "--backend", flavour(),
             "--engines-dir", str(folder), "--steps", "1", "--min-size", "64", "-q"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err
-    assert f"python export/build_engines.py --trt-only --tiny-random --precision fp32 --out {folder}" in err
-    assert build_engines.main(["--trt-only", "--tiny-random", "--precision", "fp32", "--out", str(folder),
+    assert f"python export/build_engines.py {rebuild_prefix()} --precision fp32 --out {folder}" in err
+    assert build_engines.main([*rebuild_prefix().split(), "--precision", "fp32", "--out", str(folder),
                                "--static-latent", "8", "--tile-latent", "16", "--tile-batch", "2",
                                "--batch", "1", "1", "2", "--latent", "8", "16", "32", "--quiet"]) == 0
     assert cli.main(args) == 0, capsys.readouterr().err
     with Image.open(work / "out.png") as img:
         assert img.size == (50, 40)
+
+
+# --------------------------------------------------------- issue 20: defects that must stay fixed
+
+def test_execute_async_v3_false_is_an_error_normally_and_during_capture(fake, tiny_config, folder, ort_engines,
+                                                                         monkeypatch, caplog):
+    """TensorRT reports a failed enqueue only by returning False (NvInferRuntime.h enqueueV3).
+
+    Checked by hand once (2026-12-06): with `TrtEngine._enqueue` ignoring the return value, the first
+    half fails (no TensorRTError) and the second fails (the half-recorded graph is kept and replays
+    stale outputs, which differ from ONNX Runtime)."""
+    build(tiny_config, folder, networks=["unet_adaptor"])
+    engine = open_trt(tiny_config, folder, networks=["unet_adaptor"], cuda_graphs=True)["unet_adaptor"]
+    real = engine.context.execute_async_v3
+    feed = sample(engine.spec, {"B": 1, "h": 8, "w": 8})
+    monkeypatch.setattr(engine.context, "execute_async_v3", lambda handle: False)
+    with pytest.raises(tb.TensorRTError, match="execution of .* failed"):
+        engine.infer(feed)
+
+    def refuse_under_capture(handle):
+        if fake_tensorrt.STATE.capturing is None:
+            return real(handle)
+        fake_tensorrt.STATE.captured.append(lambda: None)  # part of the work was recorded, then it failed
+        return False
+
+    monkeypatch.setattr(engine.context, "execute_async_v3", refuse_under_capture)
+    for seed in range(4):  # warm-up, capture (refused: plain run instead), then plain runs
+        assert_like_ort(engine, ort_engines["unet_adaptor"], sample(engine.spec, {"B": 1, "h": 8, "w": 8}, seed))
+    assert fake.captures == 1 and "CUDA graph capture failed" in caplog.text
+    assert fake_tensorrt.STATE.replays == 0
+
+
+def test_graph_is_never_replayed_after_an_input_shape_change(fake, tiny_config, folder, ort_engines):
+    """Each input shape has its own graph, and the context's shapes are set back before a replay.
+
+    Checked by hand once (2026-12-06): with `TrtEngine._activate` not setting the input shapes before a
+    replay ("the graph has them baked in"), the stand-in's replay assertion fires ("captured with input
+    shapes ... replayed while the context has ...")."""
+    build(tiny_config, folder, networks=["unet_adaptor"])
+    engine = open_trt(tiny_config, folder, networks=["unet_adaptor"], cuda_graphs=True)["unet_adaptor"]
+    shapes = [{"B": 1, "h": 8, "w": 16}, {"B": 1, "h": 16, "w": 24}]  # both on the dynamic profile, other shapes
+    for step in range(8):
+        dims = shapes[(step // 2) % 2]  # a, a, b, b, a, a, b, b: warm-up + capture per shape, then replays
+        assert_like_ort(engine, ort_engines["unet_adaptor"], sample(engine.spec, dims, seed=step))
+    assert {engine.profiles[s.profile].name for s in engine._slots.values()} == {"dynamic"}
+    assert fake.captures == 2 and fake_tensorrt.STATE.replays == 2 + 4  # one per capture, then 4 replays
+
+
+def test_graph_is_recaptured_after_another_engine_grew_the_arena(fake, tiny_config, folder, ort_engines):
+    """A graph records the arena's address; when another engine grows (moves) the shared arena, the
+    graph must be dropped and recaptured, never replayed.
+
+    Checked by hand once (2026-12-06): with the arena-generation check removed from
+    `TrtEngine._activate`, the replay uses the retired arena and the stand-in asserts ("uses device
+    memory ... that the backend freed")."""
+    build(tiny_config, folder, networks=["unet_adaptor", "dr_encoder"])
+    engines = open_trt(tiny_config, folder, networks=["unet_adaptor", "dr_encoder"], cuda_graphs=True)
+    unet, dr = engines["unet_adaptor"], engines["dr_encoder"]
+    small = {"B": 1, "h": 8, "w": 8}
+    for seed in range(3):
+        assert_like_ort(unet, ort_engines["unet_adaptor"], sample(unet.spec, small, seed))
+    arena = unet._shared.arena
+    before = (arena.ptr, arena.size, fake.captures)
+    assert_like_ort(dr, ort_engines["dr_encoder"], sample(dr.spec, {"B": 2, "h": 16, "w": 16}))
+    assert arena.size > before[1], "the DR encoder's dynamic profile grew the shared arena"
+    for seed in range(3, 6):
+        assert_like_ort(unet, ort_engines["unet_adaptor"], sample(unet.spec, small, seed))
+    assert fake.captures == before[2] + 1, "recaptured on the new arena"
+    assert fake_tensorrt.STATE.retired and fake_tensorrt.STATE.retired[0][0] == before[0]
+
+
+def test_weight_budget_is_set_before_the_context_exists(fake, tiny_config, folder):
+    """TensorRT refuses a weight-streaming budget change while contexts exist (NvInferRuntime.h).
+
+    Checked by hand once (2026-12-06): with the budget set after `create_context` (the two lines of
+    `TrtEngine.__init__` / `LoadedPlan` order swapped), opening fails with "did not accept the
+    weight-streaming budget"."""
+    build(tiny_config, folder, networks=["unet_adaptor"], build=dataclasses.replace(BUILD, weight_streaming=True),
+          weight_budget=2048)
+    engine = open_trt(tiny_config, folder, networks=["unet_adaptor"])["unet_adaptor"]
+    assert engine.engine.weight_streaming_budget_v2 == 2048
+    engine.engine.weight_streaming_budget_v2 = 4096  # what a late change does: refused, budget kept
+    assert engine.engine.weight_streaming_budget_v2 == 2048
+
+
+# --------------------------------------------------------------------- issue 20: versions, identity
+
+def test_each_surface_lacks_what_its_version_lacks(fake):
+    trt = fake_tensorrt
+    if flavour() == "tensorrt" and trt.STATE.version.startswith("10."):
+        assert int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 1 and int(trt.BuilderFlag.FP16) == 0
+        assert int(trt.BuilderFlag.REFIT_IDENTICAL) == 20 and not hasattr(trt, "ComputeCapability")
+        return
+    for name in ("FP16", "BF16", "INT8", "OBEY_PRECISION_CONSTRAINTS", "WEIGHTLESS"):
+        assert not hasattr(trt.BuilderFlag, name), name  # removed in 11.x (NvInfer.h v11.1)
+    assert (int(trt.BuilderFlag.STRIP_PLAN), int(trt.BuilderFlag.REFIT_IDENTICAL)) == (18, 19)  # renumbered
+    assert int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 0
+    engine_cls, parser = trt.ICudaEngine, trt.OnnxParser(trt.INetworkDefinition(0), trt.Logger())
+    engine = engine_cls.__new__(engine_cls)
+    for what in (lambda: engine.device_memory_size, lambda: engine.get_device_memory_size_for_profile(0),
+                 lambda: engine.create_execution_context_without_device_memory(), lambda: parser.supports_model(b"")):
+        with pytest.raises(AttributeError):
+            what()
+    assert hasattr(trt, "ComputeCapability") == (flavour() == "tensorrt-rtx")
+
+
+def test_refittable_plans_hold_one_profile_by_default(fake, tiny_config, folder):
+    """Default refit "auto": a plan with several profiles is built without refit, a one-profile plan
+    with REFIT_IDENTICAL (NvInfer.h allows one profile per refittable engine); the manifest says which
+    and why, and asking for refit with several profiles is refused before anything is built."""
+    build(tiny_config, folder, networks=["vae_decoder"])
+    man = Manifest.read(manifest_path(plan_of(folder, "vae_decoder")))
+    assert man.build["refit"] == "none" and "2 profile(s)" in man.build["refit_rule"]
+    (_, _, flags), = [c for c in fake_tensorrt.STATE.calls if c[0] == "build"]
+    assert not flags & ((1 << int(fake_tensorrt.BuilderFlag.REFIT)) | (1 << int(fake_tensorrt.BuilderFlag.REFIT_IDENTICAL)))
+    build(tiny_config, folder, networks=["vae_decoder"], build=ONE)
+    man = Manifest.read(manifest_path(plan_of(folder, "vae_decoder")))
+    assert man.build["refit"] == "identical" and "at most once when building a refittable engine" in man.build["refit_rule"]
+    with pytest.raises(ValueError, match="one optimisation profile only.*--trt-refittable none"):
+        build(tiny_config, folder, networks=["vae_decoder"], build=dataclasses.replace(BUILD, refit="full"))
+
+
+def test_no_precision_flag_is_ever_set(fake, tiny_config, folder):
+    build(tiny_config, folder, networks=["text_encoders"])
+    (_, _, flags), = [c for c in fake_tensorrt.STATE.calls if c[0] == "build"]
+    names = {f.name for f in fake_tensorrt.BuilderFlag if flags & (1 << int(f))}
+    assert names.isdisjoint({"FP16", "BF16", "INT8", "FP8", "INT4", "FP4"}) and "TF32" in names
+
+
+def test_plan_of_the_other_flavour_is_refused(fake, tiny_config, folder, monkeypatch):
+    """A TensorRT plan given to TensorRT-RTX (and the reverse): one error with the rebuild command."""
+    build(tiny_config, folder, networks=["vae_decoder"])
+    built = plan_of(folder, "vae_decoder")
+    other = "tensorrt" if flavour() == "tensorrt-rtx" else "tensorrt-rtx"
+    use_surface(monkeypatch, "11.4.0.106" if other == "tensorrt" else "1.7.1.116", other)
+    with pytest.raises(ArtifactError, match=f"no TensorRT\\S* plan.*{re.escape(built.name)}.*rebuild with: "
+                                            f"{re.escape('python export/build_engines.py ' + rebuild_prefix())}"):
+        open_trt(tiny_config, folder, networks=["vae_decoder"])
+    renamed = plan_of(folder, "vae_decoder")  # the same plan under the other flavour's name
+    shutil.copy(built, renamed)
+    shutil.copy(manifest_path(built), manifest_path(renamed))
+    man = Manifest.read(manifest_path(renamed))
+    dataclasses.replace(man, files={renamed.name: file_sha256(renamed)}).write(manifest_path(renamed))
+    with pytest.raises(ArtifactError, match=f"flavour is '{man.build['flavour']}', expected '{other}'"):
+        open_trt(tiny_config, folder, networks=["vae_decoder"])
+    edit_plan(renamed, lambda d: None)
+    man = Manifest.read(manifest_path(renamed))
+    target = fake_tensorrt.FakeCuda().target(fake_tensorrt.STATE.version, other)
+    dataclasses.replace(man, kind=other, build={**man.build, **target.fields()}).write(manifest_path(renamed))
+    with pytest.raises(tb.TensorRTError, match="could not deserialize.*another TensorRT flavour.*rebuild with"):
+        open_trt(tiny_config, folder, networks=["vae_decoder"])
+
+
+def test_staleness_hashes_the_onnx_files_themselves(fake, tiny_config, folder):
+    """An ONNX file changed behind its manifest's back makes the plan stale (the bytes are hashed)."""
+    build(tiny_config, folder, networks=["vae_decoder"])
+    onnx = folder / onnx_name("vae_decoder", PREC)
+    onnx.write_bytes(onnx.read_bytes() + b"\0")
+    with pytest.raises(ArtifactError, match=f"is stale.*{onnx.name}.*rebuild with: python export/build_engines.py "
+                                            f"{rebuild_prefix()}"):
+        open_trt(tiny_config, folder, networks=["vae_decoder"])
+    open_trt(tiny_config, folder, networks=["vae_decoder"], verify_hash=False)  # the cheap check trusts manifests
+
+
+@pytest.mark.parametrize("gone", ["onnx", "manifest"])
+def test_plan_folder_without_its_onnx_fails_loudly(fake, tiny_config, folder, gone):
+    build(tiny_config, folder, networks=["text_encoders"])
+    onnx = folder / onnx_name("text_encoders", PREC)
+    (onnx if gone == "onnx" else manifest_path(onnx)).unlink()
+    with pytest.raises(ArtifactError, match="the ONNX artifact it was built from is not beside it.*--trt"):
+        open_trt(tiny_config, folder, networks=["text_encoders"])
+
+
+def test_output_buffers_are_checked_against_tensorrt_shapes(fake, tiny_config, folder, monkeypatch):
+    build(tiny_config, folder, networks=["vae_decoder"])
+    engine = open_trt(tiny_config, folder, networks=["vae_decoder"])["vae_decoder"]
+    feed = sample(engine.spec, {"B": 1, "h": 8, "w": 16})
+    real = engine.context.get_tensor_shape
+    assert tuple(real("image")) == (-1, 3, -1, -1)  # unknown until the input shapes are set
+    monkeypatch.setattr(engine.context, "get_tensor_shape",
+                        lambda name: fake_tensorrt.Dims((1, 3, 64, 64)) if name == "image" else real(name))
+    with pytest.raises(tb.TensorRTError, match=r"computes image as \(1, 3, 64, 64\).*spec as \(1, 3, 64, 128\)"):
+        engine.infer(feed)
+
+
+def test_rtx_runtime_cache_is_kept_beside_the_plan(fake, tiny_config, folder, caplog):
+    if flavour() != "tensorrt-rtx":
+        pytest.skip("TensorRT-RTX only")
+    caplog.set_level(logging.INFO)
+    build(tiny_config, folder, networks=["vae_decoder"])
+    cache = plan_of(folder, "vae_decoder").with_name(plan_of(folder, "vae_decoder").name + ".runtime.cache")
+    assert not cache.exists()
+    open_trt(tiny_config, folder, networks=["vae_decoder"])["vae_decoder"].close()
+    assert cache.is_file() and fake_tensorrt.STATE.jit_compiles == 1 and "no TensorRT-RTX runtime cache" in caplog.text
+    open_trt(tiny_config, folder, networks=["vae_decoder"])["vae_decoder"].close()
+    assert fake_tensorrt.STATE.jit_compiles == 1, "the second launch compiles nothing"
+    for bad in (b"garbage", cache.read_bytes().replace(b"[8, 9]", b"[8, 6]")):  # corrupt; another GPU's
+        cache.write_bytes(bad)
+        open_trt(tiny_config, folder, networks=["vae_decoder"])["vae_decoder"].close()
+        assert "does not fit this GPU or version" in caplog.text
+    assert fake_tensorrt.STATE.jit_compiles == 3 and b"[8, 9]" in cache.read_bytes()  # replaced
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")], "written atomically"
