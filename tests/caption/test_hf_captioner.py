@@ -84,6 +84,18 @@ def test_batch_equals_one_at_a_time(tmp_path: Path, image) -> None:
     assert cap.caption_ids([image, other]) == [cap.caption_ids([image])[0], cap.caption_ids([other])[0]]
 
 
+def test_smolvlm_captions_the_global_view_only(tmp_path: Path, image) -> None:
+    """SmolVLM's processor splits images into tiles; the captioner asks for the single global view."""
+    folder = tiny_vlm.build_idefics3(tmp_path / "smol", split=True)
+    processor, default = reference_inputs(folder, image)
+    assert default["pixel_values"].shape[1] > 1  # tiles + global view by default
+    cap = make_captioner("hf", model_dir=folder, device="cpu", max_new_tokens=4)
+    ours = cap.inputs([image])
+    assert ours["pixel_values"].shape[1] == 1
+    assert ours["input_ids"].shape[1] < default["input_ids"].shape[1]
+    assert 1 <= len(cap.caption_ids([image])[0]) <= 4
+
+
 def test_bad_folders(tmp_path: Path) -> None:
     with pytest.raises(CaptionModelError, match="needs --caption-model"):
         make_captioner("hf")

@@ -53,8 +53,9 @@ LLAVA_TEMPLATE = (
 )
 
 
-def build_idefics3(folder: Path, seed: int = 0) -> Path:
-    """Idefics3 (SmolVLM): 2-layer SigLIP at 56 px (16 patches, pixel shuffle 2 -> 4 image tokens) + 2-layer Llama."""
+def build_idefics3(folder: Path, seed: int = 0, split: bool = False) -> Path:
+    """Idefics3 (SmolVLM): 2-layer SigLIP at 56 px (16 patches, pixel shuffle 2 -> 4 image tokens) + 2-layer Llama.
+    ``split``: the processor splits images into 56-px tiles of a 112-px longest edge, as SmolVLM's does."""
     import torch
     import transformers as T
 
@@ -64,8 +65,8 @@ def build_idefics3(folder: Path, seed: int = 0) -> Path:
         fake_image_token="<fake_token_around_image>", global_image_token="<global-img>",
         end_of_utterance_token="<end_of_utterance>",
     )
-    image_processor = T.Idefics3ImageProcessorPil(size={"longest_edge": 56}, max_image_size={"longest_edge": 56},
-                                                  do_image_splitting=False)
+    image_processor = T.Idefics3ImageProcessorPil(size={"longest_edge": 112 if split else 56},
+                                                  max_image_size={"longest_edge": 56}, do_image_splitting=split)
     processor = T.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
                                     chat_template=IDEFICS3_TEMPLATE)
     config = T.Idefics3Config(
