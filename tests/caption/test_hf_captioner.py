@@ -166,8 +166,7 @@ def test_caption_command(tmp_path: Path, image, capsys) -> None:
 
 def test_restore_command_with_hf_captioner(tmp_path: Path, capsys, monkeypatch) -> None:
     """``supir-rt restore --tiny-random --captioner hf``: the model captions the stage-1 image and the
-    caption is what the output's metadata records and the prompt starts with; a text-only model given as
-    captioner is one error line, exit code 2, no output."""
+    caption is what the output's metadata records and the prompt starts with."""
     from PIL import Image
 
     from supir_rt import cli
@@ -193,10 +192,23 @@ def test_restore_command_with_hf_captioner(tmp_path: Path, capsys, monkeypatch) 
     assert caption and meta["caption"] == caption
     assert meta["prompt"] == caption + meta["settings"]["a_prompt"]
 
+
+def test_restore_command_refuses_bad_captioner_folders(tmp_path: Path, capsys) -> None:
+    """A text-only model given as captioner, or no --caption-model: one error line, exit code 2, no output."""
+    from PIL import Image
+
+    from supir_rt import cli
+
+    src, out = tmp_path / "in.png", tmp_path / "out.png"
+    Image.new("RGB", (64, 48), (120, 80, 40)).save(src)
     text_only = tiny_vlm.build_text_only(tmp_path / "text")
-    out2 = tmp_path / "out2.png"
-    code = cli.main(["restore", str(src), "-o", str(out2), "--tiny-random", "--captioner", "hf",
+    capsys.readouterr()
+    code = cli.main(["restore", str(src), "-o", str(out), "--tiny-random", "--captioner", "hf",
                      "--caption-model", str(text_only), "-q"])
     err = capsys.readouterr().err
     assert code == 2 and "text-only" in err and "Traceback" not in err
-    assert not out2.exists()
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    code = cli.main(["restore", str(src), "-o", str(out), "--tiny-random", "--captioner", "hf", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--caption-model" in err
+    assert not out.exists()
