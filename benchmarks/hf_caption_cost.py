@@ -73,6 +73,7 @@ def main() -> int:
     p.add_argument("--size", default="683x512", help="caption image W x H (the stage-1 image at short side 512)")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--split", action="store_true", help="keep SmolVLM's image splitting (the processor's default)")
     args = p.parse_args()
 
@@ -84,6 +85,8 @@ def main() -> int:
 
     if args.split:
         hf.IMAGE_OPTIONS.clear()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     w, h = (int(v) for v in args.size.split("x"))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
     with tempfile.TemporaryDirectory() as tmp:
