@@ -10,6 +10,9 @@ full = fixed + L_full * per-layer; weights and RAM add (L_full - L) times one la
 The CLIP ViT-L/14-336 tower + projector is measured at full size once (--vision).
 
     python benchmarks/llava_cost.py --model 13b --precision int4 --vision
+
+``--ab BEFORE AFTER`` compares the decode step of two exported folders (the Concat decoder made before
+the in-place KV cache, and the current one), stepping them in alternation in one process.
 """
 
 from __future__ import annotations
@@ -161,13 +164,15 @@ def phase_run(out: Path, precision: str, prefill: int, steps: int, threads: int 
     res["prefill_s"] = times[0]
     res["decode_ms_per_token"] = 1000 * float(np.median(times[2:]))  # skip the first decode step (warm-up)
     res["run_peak_rss_gb"] = peak_rss_gb()
+    res |= kv_bytes_written_per_token(rt.text, prefill)
     rt.close()
     res |= profile_split(out, precision, embeds, steps, threads)
     return res
 
 
 def profile_split(out: Path, precision: str, embeds: np.ndarray, steps: int, threads: int | None) -> dict:
-    """Per-layer vs fixed (rope + head) time inside each decoder run, from ORT's node profile.
+    """Per-layer vs fixed (lm_head) time inside each decoder run, from ORT's node profile, running the
+    real decode loop (``generate_from_embeddings``) on a profiling session.
 
     Differencing whole runs at two layer counts drowns in the load swings of a shared 2-core machine;
     the split inside one run does not.
@@ -175,23 +180,17 @@ def profile_split(out: Path, precision: str, embeds: np.ndarray, steps: int, thr
     import onnxruntime as ort
 
     from supir_rt.caption import layout
-    from supir_rt.caption.llava import _session_options
+    from supir_rt.caption.llava import LlavaOnnx, SamplingConfig, _session_options
 
-    manifest = layout.read_manifest(out)
-    text = manifest["text"]
+    rt = LlavaOnnx(out, precision, threads=threads)
     so = _session_options(threads)
     so.enable_profiling = True
     so.profile_file_prefix = str(out / "profile")
-    sess = ort.InferenceSession(str(out / layout.decoder_file(precision)), so, providers=["CPUExecutionProvider"])
-    n_layers = text["num_layers"]
-    shape = (1, text["num_kv_heads"], 0, text["head_dim"])
-    feed = {"inputs_embeds": embeds}
-    feed |= {f"past_key_values.{i}.{k}": np.zeros(shape, np.float32) for i in range(n_layers) for k in ("key", "value")}
-    for step in range(steps + 1):
-        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
-        feed = {"inputs_embeds": embeds[:, :1]}
-        feed |= {f"past_key_values.{i}.{k}": outs[f"present.{i}.{k}"] for i in range(n_layers) for k in ("key", "value")}
-    events = json.loads(Path(sess.end_profiling()).read_text())
+    rt.decoder = ort.InferenceSession(str(out / layout.decoder_file(precision)), so, providers=["CPUExecutionProvider"])
+    n_layers = rt.n_layers
+    rt.generate_from_embeddings(embeds, SamplingConfig(), forced=[5] * (steps + 1))
+    events = json.loads(Path(rt.decoder.end_profiling()).read_text())
+    rt.close()
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
     layer_us = [0.0] * len(runs)
     for e in events:
@@ -210,6 +209,81 @@ def profile_split(out: Path, precision: str, embeds: np.ndarray, steps: int, thr
         "prof_decode_fixed_ms": float(np.median(fixed[2:])) / 1e3,
         "layer_bytes": layer_data_bytes(out / layout.decoder_file(precision), "layers.0/"),
     }
+
+
+def kv_bytes_written_per_token(text: dict, past: int, itemsize: int = 4) -> dict:
+    """KV-cache bytes written per decoded token, per layer, by construction: the in-place cache writes the
+    new key and value rows only; the earlier Concat decoder (before the in-place cache) wrote the whole
+    past again plus the new row, for keys and values, every token."""
+    row = text["num_kv_heads"] * text["head_dim"] * itemsize
+    return {"kv_bytes_per_token_per_layer_in_place": 2 * row, "kv_bytes_per_token_per_layer_concat": 2 * row * (past + 1)}
+
+
+def concat_decoder_steps(folder: Path, precision: str, embeds: np.ndarray, threads: int | None):
+    """The decode loop as it was before the in-place cache, for an export made before it (format v1:
+    each layer's graph ``Concat``-s past and new keys/values into fresh ``present`` tensors, which the
+    next step binds as its past). A generator: prefill on the first ``next()``, then one decode step per
+    ``next()``, each yielding its time in seconds."""
+    import onnxruntime as ort
+
+    from supir_rt.caption.llava import _session_options
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    text = manifest["text"]
+    sess = ort.InferenceSession(str(folder / manifest["decoders"][precision]["file"]), _session_options(threads),
+                                providers=["CPUExecutionProvider"])
+    empty = np.zeros((1, text["num_kv_heads"], 0, text["head_dim"]), np.float32)
+    names = [f"{i}.{k}" for i in range(text["num_layers"]) for k in ("key", "value")]
+    past = {n: ort.OrtValue.ortvalue_from_numpy(empty) for n in names}
+    out_names = [o.name for o in sess.get_outputs()]
+    step_input = embeds
+    while True:
+        t0 = time.perf_counter()
+        binding = sess.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(step_input))
+        for n in names:
+            binding.bind_ortvalue_input(f"past_key_values.{n}", past[n])
+        for n in out_names:
+            binding.bind_output(n)
+        sess.run_with_iobinding(binding)
+        outputs = dict(zip(out_names, binding.get_outputs()))
+        outputs["logits"].numpy()
+        past = {n: outputs[f"present.{n}"] for n in names}
+        step_input = embeds[:, :1]
+        yield time.perf_counter() - t0
+
+
+def ab_decode(before: Path, after: Path, precision: str, prefill: int, steps: int, threads: int | None) -> dict:
+    """Per-token decode time of the in-place decoder (``after``, the current runtime) against the Concat
+    decoder (``before``, an export made before the in-place cache), stepped in alternation in one process
+    (each of the current loop's steps runs one step of the old loop from its ``on_logits``), so that the
+    load of a shared machine hits both alike. Both see the same prompt embeddings and the same past
+    length at every step."""
+    from supir_rt.caption.llava import LlavaOnnx, SamplingConfig
+
+    rt = LlavaOnnx(after, precision, threads=threads)
+    embeds = (np.random.default_rng(0).standard_normal((1, prefill, rt.text["hidden_size"])) * 0.02).astype(np.float32)
+    old = concat_decoder_steps(before, precision, embeds, threads)
+    new_t: list[float] = []
+    old_t: list[float] = []
+    mark = [0.0]
+
+    def tick(step: int, logits: np.ndarray) -> None:
+        new_t.append(time.perf_counter() - mark[0])
+        old_t.append(next(old))
+        mark[0] = time.perf_counter()
+
+    mark[0] = time.perf_counter()
+    rt.generate_from_embeddings(embeds, SamplingConfig(), forced=[5] * (steps + 1), on_logits=tick)
+    rt.close()
+    new_ms, old_ms = 1000 * np.asarray(new_t[2:]), 1000 * np.asarray(old_t[2:])  # skip prefill + first step
+    return {
+        "layers": rt.n_layers, "prefill_tokens": prefill, "steps": len(new_ms),
+        "decode_ms_in_place_median": float(np.median(new_ms)), "decode_ms_concat_median": float(np.median(old_ms)),
+        "speedup_median_of_ratios": float(np.median(old_ms / new_ms)),
+        "decode_ms_in_place": [round(x, 1) for x in new_ms], "decode_ms_concat": [round(x, 1) for x in old_ms],
+        "prefill_s_in_place": new_t[0], "prefill_s_concat": old_t[0],
+    } | kv_bytes_written_per_token(rt.text, prefill)
 
 
 def layer_data_bytes(path: Path, prefix: str) -> int:
@@ -249,11 +323,17 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--vision", action="store_true", help="real-size CLIP tower (else a tiny stand-in)")
     p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--ab", nargs=2, type=Path, metavar=("BEFORE", "AFTER"), default=None,
+                   help="time decode steps of two exported folders in alternation: BEFORE made by the exporter "
+                        "before the in-place KV cache (format v1), AFTER by the current one")
     p.add_argument("--phase", choices=["export", "run"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--layers-now", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
+    if args.ab:
+        print(json.dumps(ab_decode(*args.ab, args.precision, args.prefill, args.steps, args.threads), indent=2))
+        return 0
     if args.phase:
         src, out = args.work / f"src{args.layers_now}", args.work / f"out{args.layers_now}"
         if args.phase == "export":
@@ -285,6 +365,9 @@ def main() -> int:
         "vision_s": vision_s, "prefill_s_est": prefill, "decode_ms_per_token_est": decode_ms,
         "prefill_per_layer_s": r["prof_prefill_per_layer_s"], "decode_per_layer_ms": r["prof_decode_per_layer_ms"],
         "decode_fixed_ms": r["prof_decode_fixed_ms"],
+        "kv_gb_written_per_token_in_place": full * r["kv_bytes_per_token_per_layer_in_place"] / 1e9,
+        "kv_gb_written_per_token_concat": full * r["kv_bytes_per_token_per_layer_concat"] / 1e9,
+        f"decode_ms_per_token_measured_{L}_layers": r["decode_ms_per_token"],
         f"caption_{args.caption_tokens}_tokens_s_est": prefill + args.caption_tokens * decode_ms / 1000 + (vision_s or 0),
     }
     print(json.dumps(summary, indent=2))

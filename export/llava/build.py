@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 
 from export.llava.checkpoint import LlavaCheckpoint
 from export.llava.compose import OPSET, Composer, fill, quantize, trace_template
-from export.llava.graphs import DecoderLayer, Head, RotaryAndMask, VisionEncoder, rope_inv_freq
+from export.llava.graphs import LAYER_WEIGHTS, AttentionIn, AttentionOut, Head, VisionEncoder, rope_cache
 from supir_rt.caption import layout
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,14 @@ def _versions() -> dict[str, str]:
         "onnxruntime": onnxruntime.__version__,
         "supir_rt": supir_rt.__version__,
     }
+
+
+def _current_manifest(out: Path) -> dict[str, Any]:
+    """The folder's manifest when it is of the current format (its parts can be kept), else {}."""
+    try:
+        return layout.read_manifest(out) if (out / layout.MANIFEST).is_file() else {}
+    except layout.ModelDirError:
+        return {}  # an older format: everything is exported again
 
 
 def export_vision(ckpt: LlavaCheckpoint, out_dir: Path) -> dict[str, Any]:
@@ -130,12 +138,41 @@ def _value(name: str, elem: int, shape: Sequence[int | str]) -> onnx.ValueInfoPr
 
 def _layer_weights(ckpt: LlavaCheckpoint, i: int, dtype: np.dtype) -> dict[str, np.ndarray]:
     weights = {}
-    for ours, (src, transpose) in DecoderLayer.WEIGHTS.items():
+    for ours, (src, transpose) in LAYER_WEIGHTS.items():
         t = ckpt.get(f"language_model.model.layers.{i}.{src}").to(torch.float32)
         if transpose:
             t = t.t().contiguous()
         weights[ours] = t.numpy().astype(dtype, copy=False)
     return weights
+
+
+def attention_node(text: dict[str, Any], elem: int) -> onnx.ModelProto:
+    """One ``GroupQueryAttention`` (ORT contrib op) as a model for the composer: RoPE on q and k
+    (``rotate_half`` style, rows of the shared cos/sin caches at positions from ``seqlens_k``), causal
+    attention with fp32 softmax, and the new keys/values written into the cache buffer in place when
+    ``past_key`` and ``present_key`` are bound to the same buffer (``past_present_share_buffer``)."""
+    heads, n_kv, head_dim = text["num_heads"], text["num_kv_heads"], text["head_dim"]
+    node = helper.make_node(
+        "GroupQueryAttention",
+        ["q", "k", "v", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+        ["attn", "present_key", "present_value"],
+        domain="com.microsoft", num_heads=heads, kv_num_heads=n_kv, do_rotary=1, rotary_interleaved=0,
+        scale=float(head_dim**-0.5),
+    )
+    cache = ["batch", n_kv, "capacity", head_dim]
+    graph = helper.make_graph(
+        [node], "attention",
+        [_value("q", elem, ["batch", "seq", heads * head_dim]), _value("k", elem, ["batch", "seq", n_kv * head_dim]),
+         _value("v", elem, ["batch", "seq", n_kv * head_dim]), _value("past_key", elem, cache),
+         _value("past_value", elem, cache), _value("seqlens_k", TensorProto.INT32, ["batch"]),
+         _value("total_sequence_length", TensorProto.INT32, []),
+         _value("cos_cache", elem, ["positions", head_dim // 2]), _value("sin_cache", elem, ["positions", head_dim // 2])],
+        [_value("attn", elem, ["batch", "seq", heads * head_dim]), _value("present_key", elem, cache),
+         _value("present_value", elem, cache)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
 
 
 def export_decoder(
@@ -146,39 +183,36 @@ def export_decoder(
     quant: QuantConfig,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write ``decoder_<precision>.onnx`` + ``.data`` one layer at a time."""
+    """Write ``decoder_<precision>.onnx`` + ``.data`` one layer at a time.
+
+    Inputs: ``inputs_embeds [B, S, H]``, per layer ``past_key_values.{i}.{key,value} [B, kv heads,
+    capacity, head_dim]`` (a preallocated cache buffer), ``seqlens_k [B]`` (int32: tokens in the cache
+    after this run, minus 1) and ``total_sequence_length`` (int32 scalar: the same plus 1). Outputs:
+    ``logits [B, vocab]`` (last position) and ``present.{i}.{key,value}``, the same buffers: bind each
+    present to its past's OrtValue and the cache is appended in place (``llava.LlavaOnnx``).
+    """
     bits = BITS[precision]
     torch_dtype = torch.float16 if precision == "fp16" else torch.float32
     np_dtype = np.dtype(np.float16 if precision == "fp16" else np.float32)
     elem = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
     hidden, n_kv, head_dim, n_layers = text["hidden_size"], text["num_kv_heads"], text["head_dim"], text["num_layers"]
-    vocab = text["vocab_size"]
+    heads, vocab = text["num_heads"], text["vocab_size"]
 
     emb = torch.zeros(2, 3, hidden, dtype=torch_dtype)
-    past = torch.zeros(2, n_kv, 4, head_dim, dtype=torch_dtype)
-    s = 3
-    pre_t = trace_template(
-        RotaryAndMask(head_dim, text["rope_theta"], torch_dtype), (emb, past),
-        ["inputs_embeds", "past_key"], ["cos", "sin", "mask"],
-        {"inputs_embeds": {0: "batch", 1: "seq"}, "past_key": {0: "batch", 2: "past"}},
+    seq_axes = {0: "batch", 1: "seq"}
+    in_t = trace_template(AttentionIn(text, torch_dtype), (emb,), ["hidden"], ["q", "k", "v"], {"hidden": seq_axes})
+    out_t = trace_template(
+        AttentionOut(text, torch_dtype), (emb, torch.zeros(2, 3, heads * head_dim, dtype=torch_dtype)),
+        ["hidden", "attn"], ["hidden_out"], {"hidden": seq_axes, "attn": seq_axes},
     )
-    layer_t = trace_template(
-        DecoderLayer(text, torch_dtype),
-        (emb, torch.zeros(s, head_dim, dtype=torch_dtype), torch.zeros(s, head_dim, dtype=torch_dtype),
-         torch.zeros(s, 4 + s), past, past),
-        ["hidden", "cos", "sin", "mask", "past_key", "past_value"], ["hidden_out", "present_key", "present_value"],
-        {"hidden": {0: "batch", 1: "seq"}, "cos": {0: "seq"}, "sin": {0: "seq"}, "mask": {0: "seq", 1: "total"},
-         "past_key": {0: "batch", 2: "past"}, "past_value": {0: "batch", 2: "past"}},
-    )
-    head_t = trace_template(Head(text, torch_dtype), (emb,), ["hidden"], ["logits"], {"hidden": {0: "batch", 1: "seq"}})
+    attention = attention_node(text, elem)
+    head_t = trace_template(Head(text, torch_dtype), (emb,), ["hidden"], ["logits"], {"hidden": seq_axes})
 
     path = out_dir / layout.decoder_file(precision)
     composer = Composer(path)
-    inv_freq = rope_inv_freq(head_dim, text["rope_theta"]).numpy()
-    composer.add(
-        fill(pre_t, {"inv_freq": inv_freq}), "rope/",
-        {"inputs_embeds": "inputs_embeds", "past_key": "past_key_values.0.key", "cos": "rope.cos", "sin": "rope.sin", "mask": "rope.mask"},
-    )
+    cos, sin = rope_cache(head_dim, text["rope_theta"], text["max_position_embeddings"])
+    composer.add_initializer("rope.cos_cache", cos.to(torch_dtype).numpy())
+    composer.add_initializer("rope.sin_cache", sin.to(torch_dtype).numpy())
     t0 = time.perf_counter()
     bar = None
     if progress:
@@ -186,16 +220,26 @@ def export_decoder(
 
         bar = tqdm(total=n_layers + 1, desc=f"decoder {precision}", unit="layer")
     for i in range(n_layers):
-        model = fill(layer_t, _layer_weights(ckpt, i, np_dtype))
-        if bits:
-            model = quantize(model, bits, quant.block_size, quant.level(bits))
-        composer.add(
-            model, f"layers.{i}/",
-            {"hidden": "inputs_embeds" if i == 0 else f"hidden.{i}", "cos": "rope.cos", "sin": "rope.sin",
-             "mask": "rope.mask", "past_key": f"past_key_values.{i}.key", "past_value": f"past_key_values.{i}.value",
-             "hidden_out": f"hidden.{i + 1}", "present_key": f"present.{i}.key", "present_value": f"present.{i}.value"},
-        )
-        del model
+        weights = _layer_weights(ckpt, i, np_dtype)
+        hidden_in = "inputs_embeds" if i == 0 else f"hidden.{i}"
+        for part, template in (("in", in_t), ("out", out_t)):
+            names = {value.name for value in template.graph.input}
+            model = fill(template, {k: v for k, v in weights.items() if k in names})
+            if bits:
+                model = quantize(model, bits, quant.block_size, quant.level(bits))
+            wiring = ({"hidden": hidden_in, "q": f"layers.{i}.q", "k": f"layers.{i}.k", "v": f"layers.{i}.v"}
+                      if part == "in" else {"hidden": hidden_in, "attn": f"layers.{i}.attn", "hidden_out": f"hidden.{i + 1}"})
+            composer.add(model, f"layers.{i}/{part}/", wiring)
+            if part == "in":
+                composer.add(attention, f"layers.{i}/attention/", {
+                    "q": f"layers.{i}.q", "k": f"layers.{i}.k", "v": f"layers.{i}.v",
+                    "past_key": f"past_key_values.{i}.key", "past_value": f"past_key_values.{i}.value",
+                    "seqlens_k": "seqlens_k", "total_sequence_length": "total_sequence_length",
+                    "cos_cache": "rope.cos_cache", "sin_cache": "rope.sin_cache", "attn": f"layers.{i}.attn",
+                    "present_key": f"present.{i}.key", "present_value": f"present.{i}.value",
+                })
+            del model
+        del weights
         if bar is not None:
             bar.update(1)
         log.debug("layer %d/%d done (%.1f s)", i + 1, n_layers, time.perf_counter() - t0)
@@ -212,12 +256,13 @@ def export_decoder(
     if bar is not None:
         bar.update(1)
         bar.close()
-    inputs = [_value("inputs_embeds", elem, ["batch", "seq", hidden])]
+    inputs = [_value("inputs_embeds", elem, ["batch", "seq", hidden]),
+              _value("seqlens_k", TensorProto.INT32, ["batch"]), _value("total_sequence_length", TensorProto.INT32, [])]
     outputs = [_value("logits", TensorProto.FLOAT, ["batch", vocab])]
     for i in range(n_layers):
         for kind in ("key", "value"):
-            inputs.append(_value(f"past_key_values.{i}.{kind}", elem, ["batch", n_kv, "past", head_dim]))
-            outputs.append(_value(f"present.{i}.{kind}", elem, ["batch", n_kv, "total", head_dim]))
+            inputs.append(_value(f"past_key_values.{i}.{kind}", elem, ["batch", n_kv, "capacity", head_dim]))
+            outputs.append(_value(f"present.{i}.{kind}", elem, ["batch", n_kv, "capacity", head_dim]))
     composer.finish(inputs, outputs)
     log.info("%s written in %.1f s", path.name, time.perf_counter() - t0)
     return {
@@ -228,6 +273,7 @@ def export_decoder(
         "accuracy_level": quant.level(bits) if bits else None,
         "lm_head_accuracy_level": quant.level(max(bits, head_bits)) if bits and head_bits else None,
         "io_dtype": np_dtype.name,
+        "kv_cache": "in-place",
     }
 
 
@@ -250,7 +296,7 @@ def export_llava(
     tokenizer = ckpt.tokenizer_file()
     spec = ckpt.spec
     log.info("source %s: layout %s, %d layers, hidden %d", ckpt.folder, spec.layout, spec.text["num_layers"], spec.text["hidden_size"])
-    old = layout.read_manifest(out) if (out / layout.MANIFEST).is_file() else {}
+    old = _current_manifest(out)
 
     text = dict(spec.text)
     vocab, embed_dtype = export_embeddings(ckpt, out)

@@ -121,6 +121,12 @@ class Composer:
             entry.key, entry.value = key, value
         self._offset += len(raw)
 
+    def add_initializer(self, name: str, array: np.ndarray) -> None:
+        """A constant shared by several sub-graphs (wired to ``name``)."""
+        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        self._externalize(tensor)
+        self.graph.initializer.append(tensor)
+
     def add(self, model: ModelProto, prefix: str, wiring: Mapping[str, str]) -> None:
         """Append ``model``; its graph inputs/outputs are renamed by ``wiring``, all else is prefixed."""
         graph = model.graph

@@ -4,15 +4,16 @@
   (``vision_feature_layer = -2``: the layers after it are removed, since their output is never used),
   CLS dropped, then the 2-layer GELU projector -> ``[B, 576, hidden]``.
 * The Llama decoder is exported in pieces that ``compose.py`` joins into one ONNX graph, so that a 13B
-  model is converted one layer at a time:
-  ``RotaryAndMask`` (cos/sin for the new positions and the additive causal mask, from the past length),
-  ``DecoderLayer`` (one Llama layer with past key/values, weights as graph inputs so one traced
-  template serves every layer), and ``Head`` (final RMSNorm + lm_head on the last position only).
+  model is converted one layer at a time. Per layer: ``AttentionIn`` (RMSNorm + q/k/v projections), one
+  ORT ``GroupQueryAttention`` node written by ``build.py`` (RoPE, causal attention, and the KV cache
+  appended in place in a preallocated buffer), ``AttentionOut`` (o_proj + residual + MLP); weights are
+  graph inputs so one traced template serves every layer. Then ``Head`` (final RMSNorm + lm_head on the
+  last position only).
 
 The decoder maths follows transformers' ``modeling_llama`` (eager attention): RMSNorm in fp32,
-``rotate_half`` RoPE with cos/sin computed in fp32, softmax in fp32. Linear weights are stored
-pre-transposed (``[in, out]``) so every projection is a plain ``MatMul`` that ORT's ``MatMulNBits``
-quantizer can replace.
+``rotate_half`` RoPE with cos/sin computed in fp32 (``rope_cache``), softmax in fp32 (inside the op).
+Linear weights are stored pre-transposed (``[in, out]``) so every projection is a plain ``MatMul`` that
+ORT's ``MatMulNBits`` quantizer can replace.
 """
 
 from __future__ import annotations
@@ -86,102 +87,80 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     """Exactly transformers' default RoPE inverse frequencies (fp32)."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
 
 
-class RotaryAndMask(nn.Module):
-    """cos/sin ``[S, head_dim]`` for positions P..P+S-1 and the additive causal mask ``[S, P+S]``."""
-
-    def __init__(self, head_dim: int, theta: float, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.inv_freq = nn.Parameter(rope_inv_freq(head_dim, theta), requires_grad=False)
-        self.dtype = dtype
-
-    def forward(self, inputs_embeds: torch.Tensor, past_key: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        seq = inputs_embeds.shape[1]
-        past = past_key.shape[2]
-        pos = torch.arange(past, past + seq, dtype=torch.float32)  # (S,)
-        freqs = pos[:, None] * self.inv_freq  # (S, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
-        keys = torch.arange(0, past + seq)  # (P+S,)
-        queries = torch.arange(past, past + seq)  # (S,)
-        blocked = (keys[None, :] > queries[:, None]).to(torch.float32)  # (S, P+S)
-        mask = blocked * torch.finfo(torch.float32).min
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype), mask
+def rope_cache(head_dim: int, theta: float, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[max_positions, head_dim / 2]`` (fp32) as transformers computes them: ``pos * inv_freq``
+    in fp32, then cos/sin. GroupQueryAttention reads row ``p`` for position ``p`` and applies both halves
+    (``rotate_half`` style, ``rotary_interleaved=0``)."""
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * rope_inv_freq(head_dim, theta)
+    return freqs.cos(), freqs.sin()
 
 
-class DecoderLayer(nn.Module):
-    """One Llama decoder layer with a KV cache; linear weights are ``[in, out]``."""
+# Where each Llama layer's weights come from: our parameter name -> (llava-hf name under ``layers.N.``,
+# transposed). Linear weights are stored ``[in, out]``.
+LAYER_WEIGHTS = {
+    "input_layernorm": ("input_layernorm.weight", False),
+    "q_proj": ("self_attn.q_proj.weight", True),
+    "k_proj": ("self_attn.k_proj.weight", True),
+    "v_proj": ("self_attn.v_proj.weight", True),
+    "o_proj": ("self_attn.o_proj.weight", True),
+    "post_attention_layernorm": ("post_attention_layernorm.weight", False),
+    "gate_proj": ("mlp.gate_proj.weight", True),
+    "up_proj": ("mlp.up_proj.weight", True),
+    "down_proj": ("mlp.down_proj.weight", True),
+}
 
-    WEIGHTS = {  # our parameter name -> (llava-hf name under layers.N., transpose)
-        "input_layernorm": ("input_layernorm.weight", False),
-        "q_proj": ("self_attn.q_proj.weight", True),
-        "k_proj": ("self_attn.k_proj.weight", True),
-        "v_proj": ("self_attn.v_proj.weight", True),
-        "o_proj": ("self_attn.o_proj.weight", True),
-        "post_attention_layernorm": ("post_attention_layernorm.weight", False),
-        "gate_proj": ("mlp.gate_proj.weight", True),
-        "up_proj": ("mlp.up_proj.weight", True),
-        "down_proj": ("mlp.down_proj.weight", True),
+
+def _weight_shapes(text: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    hidden, inter = text["hidden_size"], text["intermediate_size"]
+    q, kv = text["num_heads"] * text["head_dim"], text["num_kv_heads"] * text["head_dim"]
+    return {
+        "input_layernorm": (hidden,), "q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+        "o_proj": (q, hidden), "post_attention_layernorm": (hidden,), "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter), "down_proj": (inter, hidden),
     }
 
-    def __init__(self, text: dict[str, Any], dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        hidden, inter = text["hidden_size"], text["intermediate_size"]
-        self.n_heads, self.n_kv, self.head_dim = text["num_heads"], text["num_kv_heads"], text["head_dim"]
-        self.eps = text["rms_norm_eps"]
-        shapes = {
-            "input_layernorm": (hidden,),
-            "q_proj": (hidden, self.n_heads * self.head_dim),
-            "k_proj": (hidden, self.n_kv * self.head_dim),
-            "v_proj": (hidden, self.n_kv * self.head_dim),
-            "o_proj": (self.n_heads * self.head_dim, hidden),
-            "post_attention_layernorm": (hidden,),
-            "gate_proj": (hidden, inter),
-            "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden),
-        }
-        # Distinct placeholder values: the TorchScript exporter merges parameters with equal contents,
-        # which would make two weights share one graph input. Real weights are filled in per layer.
-        for k, (name, shape) in enumerate(shapes.items()):
-            self.register_parameter(name, nn.Parameter(torch.full(shape, k + 1.0, dtype=dtype), requires_grad=False))
 
-    def forward(
-        self,
-        hidden: torch.Tensor,  # (B, S, H)
-        cos: torch.Tensor,  # (S, hd)
-        sin: torch.Tensor,  # (S, hd)
-        mask: torch.Tensor,  # (S, P+S), fp32 additive
-        past_key: torch.Tensor,  # (B, n_kv, P, hd)
-        past_value: torch.Tensor,  # (B, n_kv, P, hd)
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch, seq = hidden.shape[0], hidden.shape[1]
-        x = rms_norm(hidden, self.input_layernorm, self.eps)
-        q = (x @ self.q_proj).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
-        k = (x @ self.k_proj).view(batch, seq, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
-        v = (x @ self.v_proj).view(batch, seq, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k = torch.cat((past_key, k), dim=2)  # (B, nkv, P+S, hd)
-        v = torch.cat((past_value, v), dim=2)
-        present_key, present_value = k, v
-        if self.n_kv != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        scores = (q @ k.transpose(2, 3)) * (self.head_dim**-0.5) + mask.to(q.dtype)  # (B, nh, S, P+S)
-        probs = torch.softmax(scores.to(torch.float32), dim=-1).to(q.dtype)
-        attn = (probs @ v).transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # (B, S, nh*hd)
-        hidden = hidden + attn @ self.o_proj
+class _Weights(nn.Module):
+    """Holds the named layer weights as placeholders with distinct values: the TorchScript exporter merges
+    parameters with equal contents, which would make two weights share one graph input. Real weights
+    are filled in per layer (``compose.fill``)."""
+
+    def __init__(self, text: dict[str, Any], names: tuple[str, ...], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = text["rms_norm_eps"]
+        shapes = _weight_shapes(text)
+        for name in names:
+            k = list(shapes).index(name)
+            self.register_parameter(name, nn.Parameter(torch.full(shapes[name], k + 1.0, dtype=dtype), requires_grad=False))
+
+
+class AttentionIn(_Weights):
+    """First half of a Llama layer: RMSNorm, then the q/k/v projections ``[B, S, heads * head_dim]``
+    (GroupQueryAttention's layout; RoPE is applied inside that op)."""
+
+    def __init__(self, text: dict[str, Any], dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(text, ("input_layernorm", "q_proj", "k_proj", "v_proj"), dtype)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = rms_norm(hidden, self.input_layernorm, self.eps)  # (B, S, H)
+        return x @ self.q_proj, x @ self.k_proj, x @ self.v_proj
+
+
+class AttentionOut(_Weights):
+    """Second half of a Llama layer: output projection + residual, RMSNorm, SwiGLU MLP + residual."""
+
+    def __init__(self, text: dict[str, Any], dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(text, ("o_proj", "post_attention_layernorm", "gate_proj", "up_proj", "down_proj"), dtype)
+
+    def forward(self, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + attn @ self.o_proj  # attn (B, S, heads * head_dim)
         x = rms_norm(hidden, self.post_attention_layernorm, self.eps)
-        hidden = hidden + (F.silu(x @ self.gate_proj) * (x @ self.up_proj)) @ self.down_proj
-        return hidden, present_key, present_value
+        return hidden + (F.silu(x @ self.gate_proj) * (x @ self.up_proj)) @ self.down_proj
 
 
 class Head(nn.Module):

@@ -5,7 +5,8 @@
 * ``none``: no caption (SUPIR's ``--no_llava``; the prompt is just the quality prompt);
 * ``text``: the same given caption for every image;
 * ``sidecar``: the contents of ``<image>.txt`` beside each image (``IMAGE.png`` -> ``IMAGE.txt``);
-* ``llava``: LLaVA-1.5 over ONNX Runtime from an exported folder (``llava.py``; heavy imports are lazy).
+* ``llava``: LLaVA-1.5 over ONNX Runtime from an exported folder (``llava.py``; heavy imports are lazy);
+* ``hf``: any local transformers image-text-to-text folder (SmolVLM, Qwen2-VL, llava-hf, ...; ``hf.py``).
 
 The pipeline captions the stage-1 image and joins caption and quality prompt with
 ``join_prompt``; ``check_truncation`` reports when CLIP's 77-token window cuts the quality prompt.
@@ -95,7 +96,7 @@ class SidecarCaptioner:
         pass
 
 
-CAPTIONERS = ("none", "text", "sidecar", "llava")
+CAPTIONERS = ("none", "text", "sidecar", "llava", "hf")
 
 
 def make_captioner(
@@ -109,7 +110,8 @@ def make_captioner(
     **kw: Any,
 ) -> Captioner:
     """A captioner by name (``CAPTIONERS``). ``llava`` extra keywords go to ``LlavaCaptioner``
-    (question, max_new_tokens, threads, temperature, top_p, top_k)."""
+    (question, max_new_tokens, threads, temperature, top_p, top_k); ``hf`` ones to ``HfCaptioner``
+    (device, dtype, prompt, max_new_tokens); ``hf`` decodes greedily (``sample`` is LLaVA's setting)."""
     if kind == "none":
         return NoCaptioner()
     if kind == "text":
@@ -122,4 +124,8 @@ def make_captioner(
         from supir_rt.caption.llava import LlavaCaptioner
 
         return LlavaCaptioner(model_dir, precision, seed=seed, sample=sample, **kw)
+    if kind == "hf":
+        from supir_rt.caption.hf import HfCaptioner
+
+        return HfCaptioner(model_dir, seed=seed, **kw)
     raise UserError(f"unknown captioner {kind!r}; choose one of {', '.join(CAPTIONERS)}")

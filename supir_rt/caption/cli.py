@@ -1,4 +1,5 @@
-"""``supir-rt caption IMAGE...``: LLaVA captions on their own (printed, or written as ``.txt`` sidecars)."""
+"""``supir-rt caption IMAGE...``: LLaVA or transformers-model captions on their own (printed, or written as
+``.txt`` sidecars)."""
 
 from __future__ import annotations
 
@@ -21,21 +22,31 @@ def add_caption_parser(subparsers: Any) -> None:
     """Register the ``caption`` sub-command (its handler is ``run_caption``)."""
     p = subparsers.add_parser(
         "caption",
-        help="caption images with LLaVA-1.5 over ONNX Runtime",
-        description="Caption images with LLaVA-1.5 (exported with export/export_llava.py; see docs/captions.md). "
+        help="caption images with LLaVA-1.5 over ONNX Runtime or a local transformers vision-language model",
+        description="Caption images with LLaVA-1.5 (exported with export/export_llava.py) or, with --captioner hf, "
+        "a local transformers image-text-to-text model folder (SmolVLM, Qwen2-VL, ...; see docs/captions.md). "
         "With one image the caption is printed; with several, 'PATH<TAB>caption' lines; with -o, "
         "<stem>.txt files are written into the folder.",
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    p.add_argument("--model-dir", type=Path, default=os.environ.get(layout.ENV_MODEL_DIR),
-                   help=f"exported LLaVA folder (default: ${layout.ENV_MODEL_DIR})")
+    p.add_argument("--captioner", choices=("llava", "hf"), default="llava",
+                   help="llava (default: an exported LLaVA folder) or hf (a transformers model folder)")
+    p.add_argument("--model-dir", "--caption-model", type=Path, default=None,
+                   help=f"the model folder (llava default: ${layout.ENV_MODEL_DIR})")
     p.add_argument("--precision", choices=layout.PRECISIONS, default="int4",
-                   help="decoder to use (default int4; int8 is the safer fallback if int4 captions degrade)")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of SUPIR's sampling")
+                   help="llava: decoder to use (default int4; int8 is the safer fallback if int4 captions degrade)")
+    p.add_argument("--device", default=None, help="hf: cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="hf: model precision (default fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--greedy", action="store_true", help="llava: greedy decoding instead of SUPIR's sampling "
+                   "(hf always decodes greedily)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, applied per image (default 0; -1: random)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="caption length limit (default 512, as SUPIR)")
-    p.add_argument("--question", default=DEFAULT_QUESTION, help="the instruction given with the image")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="caption length limit (default 512 for llava, as SUPIR; 256 for hf)")
+    p.add_argument("--question", default=None,
+                   help="the instruction given with the image (default: SUPIR's for llava, a content prompt per "
+                        "model family for hf)")
+    p.add_argument("--threads", type=int, default=None, help="llava: ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("-o", "--output", type=Path, default=None, help="write <stem>.txt captions into this folder")
     p.set_defaults(func=run_caption)
 
@@ -67,10 +78,22 @@ def output_paths(images: list[Path], out_dir: Path) -> list[Path]:
     return targets
 
 
+def _make(args: argparse.Namespace) -> Any:
+    from supir_rt.caption import make_captioner
+
+    optional = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}
+    if args.captioner == "hf":
+        return make_captioner("hf", model_dir=args.model_dir, device=args.device, dtype=args.dtype,
+                              prompt=args.question, **optional)
+    return make_captioner(
+        "llava", model_dir=args.model_dir or os.environ.get(layout.ENV_MODEL_DIR), precision=args.precision,
+        seed=None if args.seed == -1 else args.seed, sample=not args.greedy,
+        question=args.question or DEFAULT_QUESTION, threads=args.threads, **optional,
+    )
+
+
 def run_caption(args: argparse.Namespace) -> int:
     from PIL import Image
-
-    from supir_rt.caption import make_captioner
 
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
@@ -85,12 +108,8 @@ def run_caption(args: argparse.Namespace) -> int:
             log.error("%s", err)
             return 2
     try:
-        captioner = make_captioner(
-            "llava", model_dir=args.model_dir, precision=args.precision,
-            seed=None if args.seed == -1 else args.seed, sample=not args.greedy,
-            question=args.question, max_new_tokens=args.max_new_tokens, threads=args.threads,
-        )
-    except UserError as err:  # ModelDirError, a bad --precision
+        captioner = _make(args)
+    except UserError as err:  # ModelDirError, CaptionModelError, a bad --precision
         log.error("%s", err)
         return 2
     try:

@@ -7,7 +7,8 @@ Layout written by ``python export/export_llava.py``::
       tokenizer.model          the model's sentencepiece tokenizer (copied from the source folder)
       vision.onnx (+ .data)    CLIP ViT-L/14-336 + projector: pixel_values [B,3,336,336] -> [B,576,H] fp32
       embed_tokens.npy         token embedding table [vocab, H] (fp16 for the fp16 checkpoints)
-      decoder_<precision>.onnx (+ .data)   Llama decoder with KV cache; precision in int4/int8/fp16/fp32
+      decoder_<precision>.onnx (+ .data)   Llama decoder with an in-place KV cache buffer; precision in
+                               int4/int8/fp16/fp32
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from supir_rt.errors import UserError
 
 FORMAT = "supir-rt-llava"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: decoders with an in-place KV cache (GroupQueryAttention)
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 VISION = "vision.onnx"

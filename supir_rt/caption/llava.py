@@ -3,7 +3,8 @@
 One caption: preprocess the image (``preprocess.py``), run ``vision.onnx`` -> 576 image features,
 build the prompt embeddings (vicuna_v1 template tokenized in pieces around ``<image>``, rows of
 ``embed_tokens.npy``, the image features spliced in), then prefill + decode the Llama decoder with its
-KV cache kept as ORT values between steps (IO binding, no copies through numpy). Token choice is
+KV cache preallocated once per caption and appended in place (IO binding of the same ORT values as the
+decoder's past and present; on the CUDA execution provider the buffers live on the GPU). Token choice is
 greedy or SUPIR's sampling (temperature 0.2, top-k 50 (transformers' default), top-p 0.7), drawn from a
 numpy generator seeded per caption so a seed reproduces a caption. Stops at EOS or max_new_tokens.
 """
@@ -125,6 +126,8 @@ class LlavaOnnx:
         self.embed = np.load(embed_path, mmap_mode="r")
         self.io_dtype = np.dtype(decoders[precision]["io_dtype"])
         providers = providers or ["CPUExecutionProvider"]
+        first = providers[0] if isinstance(providers[0], str) else providers[0][0]  # a name or (name, options)
+        self.device = "cuda" if first == "CUDAExecutionProvider" else "cpu"
         t0 = time.perf_counter()
         so = _session_options(threads)
         self.vision = ort.InferenceSession(str(vision_path), so, providers=providers)
@@ -157,6 +160,15 @@ class LlavaOnnx:
         return np.concatenate(parts, axis=0)[None]
 
     # -- decode loop -------------------------------------------------------------------------------
+    def kv_cache(self, capacity: int) -> dict[str, Any]:
+        """One preallocated buffer per layer and key/value, ``[1, kv heads, capacity, head_dim]``, on the
+        decoder's device (uninitialised: the attention reads only the first ``seqlens_k + 1`` rows)."""
+        shape = [1, self.text["num_kv_heads"], capacity, self.text["head_dim"]]
+        return {
+            f"{i}.{kind}": self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self.io_dtype, self.device, 0)
+            for i in range(self.n_layers) for kind in ("key", "value")
+        }
+
     def generate_from_embeddings(
         self,
         embeds: np.ndarray,
@@ -164,44 +176,46 @@ class LlavaOnnx:
         seed: int | None = 0,
         forced: list[int] | None = None,
         on_logits: Any = None,
+        cache: dict[str, Any] | None = None,
     ) -> list[int]:
         """Prefill ``embeds`` then decode; returns the new token ids (EOS excluded).
 
-        ``forced`` teacher-forces the given ids (for measuring agreement); ``on_logits(step, logits)``
-        sees every step's last-position logits.
+        The KV cache is one buffer per layer and key/value, sized for the prompt plus ``max_new_tokens``
+        and bound as both ``past_key_values.*`` and ``present.*`` of one IO binding made once: the decoder's
+        GroupQueryAttention appends each step's keys/values in place, so nothing is copied per token but
+        the new rows (and, from a GPU, the logits). ``forced`` teacher-forces the given ids (for measuring
+        agreement); ``on_logits(step, logits)`` sees every step's last-position logits; ``cache``
+        (from ``kv_cache``, large enough) lets a caller keep or inspect the buffers.
         """
-        ort = self._ort
         rng = np.random.default_rng(seed)
-        n_kv, head_dim = self.text["num_kv_heads"], self.text["head_dim"]
-        limit = self.text["max_position_embeddings"] - embeds.shape[1]
+        prompt = embeds.shape[1]
+        limit = self.text["max_position_embeddings"] - prompt
         max_new = min(cfg.max_new_tokens, limit) if forced is None else len(forced)
-        empty = np.zeros((1, n_kv, 0, head_dim), dtype=self.io_dtype)
-        past = {}
-        for i in range(self.n_layers):
-            for kind in ("key", "value"):
-                past[f"past_key_values.{i}.{kind}"] = ort.OrtValue.ortvalue_from_numpy(empty)
-        out_names = [o.name for o in self.decoder.get_outputs()]
-        step_input = embeds
+        cache = cache if cache is not None else self.kv_cache(prompt + max_new)
+        binding = self.decoder.io_binding()
+        for name, buffer in cache.items():
+            binding.bind_ortvalue_input(f"past_key_values.{name}", buffer)
+            binding.bind_ortvalue_output(f"present.{name}", buffer)
+        logits_out = self._ort.OrtValue.ortvalue_from_shape_and_type([1, self.text["vocab_size"]], np.float32, "cpu", 0)
+        binding.bind_ortvalue_output("logits", logits_out)
+        step_input = np.ascontiguousarray(embeds, dtype=self.io_dtype)
+        length = 0  # tokens in the cache
         new: list[int] = []
         for step in range(max_new):
-            binding = self.decoder.io_binding()
-            binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(step_input))
-            for name, value in past.items():
-                binding.bind_ortvalue_input(name, value)
-            for name in out_names:
-                binding.bind_output(name)
+            length += step_input.shape[1]
+            seqlens_k = np.array([length - 1], dtype=np.int32)
+            total = np.array(length, dtype=np.int32)
+            binding.bind_cpu_input("inputs_embeds", step_input)
+            binding.bind_cpu_input("seqlens_k", seqlens_k)
+            binding.bind_cpu_input("total_sequence_length", total)
             self.decoder.run_with_iobinding(binding)
-            outputs = dict(zip(out_names, binding.get_outputs()))
-            logits = outputs["logits"].numpy()[0]
+            logits = logits_out.numpy()[0]
             if on_logits is not None:
                 on_logits(step, logits)
             token = forced[step] if forced is not None else choose_token(logits, cfg, rng)
             if forced is None and token == self.tokenizer.eos_id:
                 break
             new.append(token)
-            for i in range(self.n_layers):
-                for kind in ("key", "value"):
-                    past[f"past_key_values.{i}.{kind}"] = outputs[f"present.{i}.{kind}"]
             step_input = np.asarray(self.embed[[token]], dtype=self.io_dtype)[None]  # (1, 1, H)
         return new
 

@@ -222,9 +222,14 @@ def add_restore_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     c = p.add_argument_group("captions (the official default runs LLaVA; here the default is no caption)")
     c.add_argument("--caption", default=None, help="use TEXT as the caption of every image")
-    c.add_argument("--captioner", choices=("none", "text", "sidecar", "llava"), default=None,
-                   help="none (default), sidecar (IMAGE.txt beside each image), llava (needs --llava-dir)")
+    c.add_argument("--captioner", choices=("none", "text", "sidecar", "llava", "hf"), default=None,
+                   help="none (default), sidecar (IMAGE.txt beside each image), llava (needs --llava-dir), "
+                        "hf (a local transformers vision-language model, needs --caption-model)")
     c.add_argument("--llava-dir", type=Path, default=None, help="exported LLaVA folder for --captioner llava")
+    c.add_argument("--caption-model", type=Path, default=None,
+                   help="transformers image-text-to-text model folder for --captioner hf (e.g. SmolVLM)")
+    c.add_argument("--caption-dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="precision of the --captioner hf model (default fp32 on CPU, fp16 on CUDA)")
 
     add_runtime_options(p)
     p.set_defaults(func=run_restore)
@@ -259,6 +264,8 @@ def make_captioner_from_args(args: argparse.Namespace) -> Any:
                 "with python export/export_llava.py (see docs/captions.md)"
             )
         return make_captioner("llava", model_dir=args.llava_dir)
+    if kind == "hf":
+        return make_captioner("hf", model_dir=args.caption_model, device=args.device, dtype=args.caption_dtype)
     return make_captioner(kind)
 
 

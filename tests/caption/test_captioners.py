@@ -15,11 +15,11 @@ def test_registry_kinds(tmp_path: Path, image) -> None:
     assert make_captioner("text", text="a red car").caption(image) == "a red car"
     with pytest.raises(ValueError, match="needs text"):
         make_captioner("text")
-    with pytest.raises(ValueError, match="none, text, sidecar, llava"):
+    with pytest.raises(ValueError, match="none, text, sidecar, llava, hf"):
         make_captioner("blip")
     for kind in ("none", "sidecar"):
         assert isinstance(make_captioner(kind), Captioner)
-    assert CAPTIONERS == ("none", "text", "sidecar", "llava")
+    assert CAPTIONERS == ("none", "text", "sidecar", "llava", "hf")
 
 
 def test_sidecar(tmp_path: Path, image) -> None:

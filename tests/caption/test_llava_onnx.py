@@ -56,6 +56,34 @@ def test_greedy_ids_equal_transformers_generate(tiny_llava, fp32: LlavaOnnx, ima
     assert len(ours) == n or expected[len(ours)] == fp32.tokenizer.eos_id
 
 
+def test_kv_cache_is_appended_in_place(tiny_llava, fp32: LlavaOnnx, image) -> None:
+    """The buffers bound before the first step hold, after the last one, transformers' own KV cache
+    (keys after RoPE) for the prompt and every fed token: the decoder wrote into them, nothing else.
+    Fails with the defect put back (present.* bound to fresh outputs; checked by hand)."""
+    n = 10
+    question = QUESTIONS[1]
+    chunks = fp32.prompt_chunks(question)
+    embeds = fp32.prompt_embeddings(chunks, fp32.image_features(image))
+    capacity = embeds.shape[1] + n
+    cache = fp32.kv_cache(capacity)
+    pointers = {name: value.data_ptr() for name, value in cache.items()}
+    ours = fp32.generate_from_embeddings(embeds, SamplingConfig(sample=False), forced=[0] * n, cache=cache)
+    assert ours == [0] * n
+    assert {name: value.data_ptr() for name, value in cache.items()} == pointers
+    assert all(value.shape() == [1, 2, capacity, 32] for value in cache.values())
+
+    n_feat = fp32.vision_cfg["num_features"]
+    ids = chunks[0] + [tiny_llava.config.image_token_index] * n_feat + chunks[1] + [0] * (n - 1)
+    pixels = torch.from_numpy(preprocess_image(image, fp32.vision_cfg["image_size"]))
+    with torch.no_grad():
+        out = tiny_llava(input_ids=torch.tensor([ids]), pixel_values=pixels, use_cache=True)
+    fed = len(ids)  # the prompt and n - 1 forced tokens (the last one is chosen, never fed)
+    for i, layer in enumerate(out.past_key_values.layers):
+        for kind, expected in (("key", layer.keys), ("value", layer.values)):
+            got = cache[f"{i}.{kind}"].numpy()[:, :, :fed]
+            np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5, err_msg=f"layer {i} {kind}")
+
+
 def test_vision_features_equal_transformers(tiny_llava, fp32: LlavaOnnx, image) -> None:
     pixels = preprocess_image(image, fp32.vision_cfg["image_size"])
     with torch.no_grad():
