@@ -6,7 +6,7 @@ with an HTTP status, the field at fault and one message saying how to fix it.
 
 Settings use the `RestoreConfig` field names, plus ``preset``. Their checks are derived from `RestoreConfig`
 itself: the known names are its fields, the accepted JSON types its annotations, the ranges its own
-validation (the field at fault is found by applying each setting alone).
+validation, applied to the request as a whole (`SettingError.field` names the field at fault).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from supir_rt.errors import SettingError
 from supir_rt.images import METADATA_KEY, ImageError, LoadedImage, encode_metadata, from_pil
 from supir_rt.restore_config import RESTORE_PRESETS, RestoreConfig, normalise_color_fix, restore_preset
 
@@ -119,15 +120,12 @@ def parse_settings(raw: str | bytes | Mapping[str, Any] | None, limits: Limits =
     base = restore_preset(preset)
     if tiny:
         base = base.with_overrides(**{k: v for k, v in TINY_DEFAULTS.items() if k not in values})
-    for name, value in values.items():  # each setting alone, so that the error names its field
-        try:
-            base.with_overrides(**{name: value})
-        except (ValueError, TypeError) as err:
-            raise RequestError(422, name, str(err), "invalid_setting") from None
-    try:
+    try:  # the request as a whole (tile_size 256 with tile_stride 128 is valid together, not one by one)
         config = base.with_overrides(**values)
+    except SettingError as err:
+        raise RequestError(422, err.field, str(err), "invalid_setting") from None
     except (ValueError, TypeError) as err:
-        raise RequestError(422, next(iter(values), "settings"), str(err), "invalid_setting") from None
+        raise RequestError(422, "settings", str(err), "invalid_setting") from None
     if config.num_steps > limits.max_steps:
         raise RequestError(422, "num_steps", f"num_steps={config.num_steps} is above this server's limit of "
                            f"{limits.max_steps}", "limit")

@@ -17,12 +17,31 @@ from typing import Any
 from PIL import Image
 
 from supir_rt.batching import BatchItem, group_by_key, run_batch
+from supir_rt.errors import SettingError, UserError
 from supir_rt.images import ImageError, LoadedImage
 from supir_rt.pipeline import NonFiniteOutputError, RestoreResult
 from supir_rt.restore_config import RestoreConfig
 from supir_rt.serve.protocol import Limits, RequestError, encode_png
 
 log = logging.getLogger(__name__)
+
+
+def as_request_error(err: BaseException) -> RequestError:
+    """The `RequestError` a client sees for ``err``: a `RequestError` as is; a bad setting 422 naming its
+    field; a non-finite result 500 ``non_finite``; anything else 500 ``internal`` with the exception's type
+    only (the traceback goes to the server log, never to a client: it holds install paths)."""
+    if isinstance(err, RequestError):
+        return err
+    if isinstance(err, SettingError):
+        return RequestError(422, err.field, str(err), "invalid_setting")
+    if isinstance(err, ImageError):
+        return RequestError(413, "upscale", str(err), "too_large")
+    if isinstance(err, NonFiniteOutputError):
+        return RequestError(500, "dtype", str(err), "non_finite")
+    if isinstance(err, UserError):
+        return RequestError(422, "settings", str(err), "invalid_setting")
+    log.error("request failed", exc_info=err)
+    return RequestError(500, "server", f"internal error ({type(err).__name__}); see the server log", "internal")
 
 
 @dataclass(frozen=True)
@@ -113,7 +132,8 @@ class RestoreWorker:
                 "max_batch_size": self.max_batch_size, "captioner": self.options.captioner, "pid": os.getpid()}
 
     def run(self, jobs: Sequence[Job]) -> list[Outcome]:
-        """One `Outcome` per job, in order. A failing request never fails the others."""
+        """One `Outcome` per job, in order. A failing request never fails the others: every failure,
+        expected or not, becomes that request's `RequestError` (a message without traceback or path)."""
         started = time.time()
         outcomes: list[Outcome | None] = [None] * len(jobs)
         ready: list[int] = []
@@ -121,8 +141,8 @@ class RestoreWorker:
             try:
                 self.check(job)
                 ready.append(i)
-            except RequestError as err:
-                outcomes[i] = Outcome(error=err)
+            except Exception as err:  # noqa: BLE001 - this request alone fails
+                outcomes[i] = Outcome(error=as_request_error(err))
         items = [BatchItem(jobs[i].image.rgb, jobs[i].config, jobs[i].caption,
                            Path(jobs[i].name) if jobs[i].name else None) for i in ready]
         for group in group_by_key(items, self.max_batch_size):
@@ -135,12 +155,16 @@ class RestoreWorker:
                 if isinstance(result, RequestError):
                     outcomes[i] = Outcome(error=result)
                     continue
-                outcome = self._encode(jobs[i], result)
+                try:
+                    outcome = self._encode(jobs[i], result)
+                except Exception as err:  # noqa: BLE001
+                    outcomes[i] = Outcome(error=as_request_error(err))
+                    continue
                 outcome.queue_s = max(0.0, started - jobs[i].accepted_at)
                 outcome.run_s, outcome.batch_size = run_s, len(group)
                 outcome.steps_per_s = steps / run_s if run_s > 0 else 0.0
                 outcomes[i] = outcome
-        return [o if o is not None else Outcome(error=RequestError(500, "image", "not run", "internal"))
+        return [o if o is not None else Outcome(error=RequestError(500, "server", "not run", "internal"))
                 for o in outcomes]
 
     def check(self, job: Job) -> None:
@@ -165,11 +189,8 @@ class RestoreWorker:
         try:
             return self.restorer.pipeline.run(item.image, item.config, caption=item.caption,
                                               captioner=self.restorer.captioner, source=item.source)
-        except NonFiniteOutputError as err:
-            return RequestError(500, "dtype", str(err), "non_finite")
-        except ValueError as err:
-            name = str(err).split("=", 1)[0].split(" ", 1)[0]
-            return RequestError(422, name if hasattr(item.config, name) else "settings", str(err), "invalid_setting")
+        except Exception as err:  # noqa: BLE001 - this request alone fails
+            return as_request_error(err)
 
     def _encode(self, job: Job, result: RestoreResult) -> Outcome:
         image = Image.fromarray(result.image, "RGB")
@@ -188,4 +209,4 @@ class RestoreWorker:
         self.restorer.close()
 
 
-__all__ = ["Job", "Outcome", "RestoreWorker", "RuntimeOptions", "build_restorer"]
+__all__ = ["Job", "Outcome", "RestoreWorker", "RuntimeOptions", "as_request_error", "build_restorer"]
