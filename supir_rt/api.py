@@ -205,7 +205,7 @@ class Restorer:
                 "install onnxruntime (pip install 'supir-rt[onnx]') to run --engines-dir, or pass --sdxl/--supir"
             )
         engines = _open_artifact_engines(backend, config, engines_dir, dtype)
-        desc = {"backend": backend, "dtype": dtype, "model": config.name, "engines_dir": str(engines_dir)}
+        desc = {"backend": backend, "dtype": dtype, "model": config.name, "engines_dir": Path(engines_dir).name}
         return cls(engines, config, description=desc, **kwargs)
 
     @classmethod
@@ -250,7 +250,7 @@ class Restorer:
             out = Path(engines_dir) if engines_dir else tiny_engines_cache()
             export_all(model, out, precision=dtype, progress=False, reuse=True)
             engines = _open_artifact_engines(backend, config, out, dtype)
-            desc["engines_dir"] = str(out)
+            desc["engines_dir"] = out.name  # a name, not a path: outputs carry it
         return cls(engines, config, description=desc, **kwargs)
 
     # ------------------------------------------------------------------------------------- restoring

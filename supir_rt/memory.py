@@ -131,13 +131,14 @@ class TilingPlan:
         return f"{sampler}, {vae}; {budget}"
 
     def as_metadata(self) -> dict[str, object]:
+        """The decisions that shape the pixels. Not the budget nor the tiles kept between passes: they follow
+        the free memory of the moment, change only the speed, and would make identical requests give
+        different files (the log shows them, `describe`)."""
         return {"sampler_tiled": self.sampler_tiled, "vae_tiled": self.vae_tiled,
                 "sampler_tile_px": [self.tile[1] * LATENT_FACTOR, self.tile[0] * LATENT_FACTOR] if self.sampler_tiled else None,
                 "sampler_stride_px": self.stride * LATENT_FACTOR if self.sampler_tiled else None,
                 "sampler_tiles": self.tiles if self.sampler_tiled else None,
-                "vae_tiling": self.vae_tiling if self.vae_tiled else None,
-                "vae_tiles_kept": self.vae_keep if self.vae_tiled else None,
-                "budget_gib": round(self.budget_bytes / GiB, 2)}
+                "vae_tiling": self.vae_tiling if self.vae_tiled else None}
 
 
 class TilingError(UserError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,9 @@ def add_serve_parser(subparsers: Any) -> None:
     s.add_argument("--autoscale", metavar="MIN:MAX", default=None, help="autoscale between MIN and MAX replicas")
     s.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs per replica (default 1 when the cluster has GPUs, else 0; fractions share a GPU)")
-    s.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica,
-                   help=f"CPUs reserved per replica (default {d.cpus_per_replica:g})")
+    s.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="CPUs reserved per replica (default 1, or less so that the replicas and the HTTP front fit "
+                   "the CPUs Ray has)")
     s.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help=f"requests sharing one engine call, 1 = no batching (default {d.max_batch_size})")
     s.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_s * 1000,
@@ -126,6 +128,8 @@ def add_serve_parser(subparsers: Any) -> None:
                    help=f"requests waiting for a replica before 503 (default {d.max_queued_requests})")
     s.add_argument("--retry-after", type=float, default=d.retry_after_s,
                    help=f"Retry-After seconds on 503 (default {d.retry_after_s:g})")
+    s.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="on SIGTERM / Ctrl-C, seconds that requests in flight may take to finish (default 60)")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     s.add_argument("--object-store-mb", type=int, default=None, help="object store of the local Ray instance (MiB)")
     s.add_argument("--metrics-export-port", type=int, default=None,
@@ -200,6 +204,25 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
+    """Claim the port (503 + Retry-After while loading), start or join Ray, deploy, serve until SIGINT or
+    SIGTERM, then drain: no new requests, those in flight answered within --drain-timeout; stop Ray."""
+    from supir_rt.serve.lifecycle import LoadingResponder, PortTaken, claim_port
+
+    stop = threading.Event()
+
+    def on_signal() -> None:  # set again after ray.init, which installs its own SIGTERM handler (sys.exit)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    on_signal()
+    try:
+        claim_port(args.host, args.port, "--port")
+        if args.metrics_export_port is not None:
+            claim_port(_metrics_host(args.host), args.metrics_export_port, "--metrics-export-port")
+        loading = LoadingResponder(args.host, args.port, args.retry_after)
+    except PortTaken as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     import ray
     from ray import serve
 
@@ -208,40 +231,96 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     if args.tiny_random:
         print("note: --tiny-random serves the tiny configuration with RANDOM weights: outputs are NOT restorations",
               file=sys.stderr)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         if args.address:
             ray.init(address=args.address)
         else:
             store = args.object_store_mb * 2**20 if args.object_store_mb else None
-            metrics = {} if args.metrics_export_port is None else {"_metrics_export_port": args.metrics_export_port}
-            ray.init(num_cpus=args.num_cpus, object_store_memory=store, include_dashboard=False, **metrics)
+            extra: dict[str, Any] = {} if args.metrics_export_port is None else {
+                "_metrics_export_port": args.metrics_export_port}
+            if _metrics_host(args.host) == "127.0.0.1":  # Ray's metrics endpoint binds the node address
+                extra["_node_ip_address"] = "127.0.0.1"
+            ray.init(num_cpus=args.num_cpus, object_store_memory=store, include_dashboard=False, **extra)
     except (ConnectionError, ValueError, RuntimeError) as err:
+        loading.close()
         if args.debug:
             raise
         print(f"error: cannot start or join Ray ({err}); check --address", file=sys.stderr)
         return 2
+    on_signal()
+    code = 0
     try:
+        app = build_app(app_args)
+        # Ray's proxy joins the port here; it knows no route until the deployment below, so deploy at once.
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
-        print(f"supir-rt: serving on http://{args.host}:{args.port}/v1/restore (health: /v1/health); "
-              "Ctrl-C to stop", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
-        return 0
-    except Exception as err:  # noqa: BLE001 - a deployment that fails to start (bad weights, no GPU)
+        serve._run(app, name=APP_NAME, route_prefix="/", _blocking=False)
+        code = _wait_until_running(serve, APP_NAME, loading, stop)
+        if code == 0 and not stop.is_set():
+            print(f"supir-rt: serving on http://{args.host}:{args.port}/v1/restore (health: /v1/health); "
+                  "Ctrl-C to stop", file=sys.stderr, flush=True)
+            stop.wait()
+        if code == 0:
+            _drain(serve, APP_NAME, args.drain_timeout)
+    except Exception as err:  # noqa: BLE001 - a deployment that fails to start (bad weights, no GPU, too few CPUs)
         if args.debug:
             raise
-        print(f"error: the application did not start ({err})", file=sys.stderr)
-        return 2
+        print(f"error: the application did not start ({_last_line(err)})", file=sys.stderr)
+        code = 2
     finally:
+        loading.close()
+        print("stopping", file=sys.stderr, flush=True)
         if args.address:
             serve.delete(APP_NAME)
         else:
             serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # stops the local Ray instance this command started (raylet, GCS, agents)
+    return code
+
+
+def _metrics_host(host: str) -> str:
+    return "127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0"
+
+
+def _last_line(err: BaseException | str) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _wait_until_running(serve: Any, app: str, loading: Any, stop: threading.Event) -> int:
+    """Wait for the application: the loading answer stops once the HTTP front is up (it answers 503 itself
+    until a model replica is ready); 0 when running, 2 (with one error line) when it failed."""
+    while not stop.is_set():
+        status = serve.status().applications.get(app)
+        if status is not None:
+            front = status.deployments.get("SupirAPI")
+            if front is not None and front.status == "HEALTHY":  # str enums
+                loading.close()
+            if status.status == "RUNNING":
+                loading.close()
+                return 0
+            if status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                messages = [d.message for d in status.deployments.values() if d.message] or [status.message]
+                print(f"error: the application did not start ({_last_line(messages[0])})", file=sys.stderr)
+                return 2
+        stop.wait(0.5)
+    return 0
+
+
+def _drain(serve: Any, app: str, timeout_s: float) -> None:
+    """SIGTERM/SIGINT: the front answers 503 + Retry-After to new requests; wait for those in flight."""
+    try:
+        front = serve.get_deployment_handle("SupirAPI", app_name=app)
+        pending = front.drain.remote().result(timeout_s=10)
+        deadline = time.monotonic() + timeout_s
+        if pending:
+            print(f"draining: {pending} request(s) in flight (up to {timeout_s:g} s)", file=sys.stderr, flush=True)
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pending = front.pending.remote().result(timeout_s=10)
+        if pending:
+            print(f"drain timeout: {pending} request(s) still running are dropped", file=sys.stderr, flush=True)
+    except Exception as err:  # noqa: BLE001 - nothing to drain when the front is gone
+        print(f"drain skipped ({_last_line(err)})", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
