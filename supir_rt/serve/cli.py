@@ -179,10 +179,27 @@ def serve_config_yaml(args: dict[str, Any], *, host: str, port: int) -> str:
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise `SetupError` naming the extra to install and the import that failed (which may be a broken
+    dependency of an installed package rather than a missing one)."""
+    import importlib
+
+    from supir_rt.api import SetupError
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise SetupError(f"this command needs the {extra} extra: pip install 'supir-rt[{extra}]' "
+                             f"(importing {module} failed: {err})") from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from supir_rt.api import SetupError
 
     try:
+        if not args.print_config:
+            require_extra("serve", "ray.serve", "fastapi")
         if args.address and args.metrics_export_port is not None:
             raise ValueError("--metrics-export-port sets up a local Ray instance; a cluster joined with --address "
                              "exports its metrics on the port its `ray start --metrics-export-port` chose")
@@ -383,9 +400,10 @@ def add_triton_parser(subparsers: Any) -> None:
 
 def run_triton(args: argparse.Namespace) -> int:
     from supir_rt.api import SetupError
-    from supir_rt.serve.triton import serve_pytriton
+    from supir_rt.serve.triton import serve_pytriton  # imports PyTriton only when serving
 
     try:
+        require_extra("triton", "pytriton.triton", "tritonclient.http")
         return serve_pytriton(runtime=_runtime(args), limits=_limits(args), host=args.host, http_port=args.http_port,
                               grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                               max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us)

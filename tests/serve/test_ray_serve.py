@@ -79,6 +79,11 @@ def start_server(flags: list[str], tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     with start_server(SERVE_FLAGS, tmp_path_factory) as base:
+        # /v1/health is ready with the first replica; the capacity tests need both
+        deadline = time.monotonic() + 120
+        while len({requests.get(f"{base}/v1/info", timeout=30).json()["model"]["pid"] for _ in range(6)}) < 2:
+            assert time.monotonic() < deadline, "the second replica did not come up"
+            time.sleep(1)
         yield base
 
 
