@@ -25,8 +25,14 @@ def add_caption_parser(subparsers: Any) -> None:
         description="Caption images with LLaVA-1.5 (exported with export/export_llava.py; see docs/captions.md). "
         "With one image the caption is printed; with several, 'PATH<TAB>caption' lines; with -o, "
         "<stem>.txt files are written into the folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  supir-rt caption photo.jpg --model-dir llava-onnx/          print the caption\n"
+        "  supir-rt caption scans/*.png --model-dir llava-onnx/ -o captions/   one <stem>.txt per image\n"
+        "  supir-rt restore photo.jpg --caption \"$(supir-rt caption photo.jpg --model-dir llava-onnx/)\"",
     )
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                   help="image file(s) to caption (PNG, JPEG, WebP, TIFF, BMP)")
     p.add_argument("--model-dir", type=Path, default=os.environ.get(layout.ENV_MODEL_DIR),
                    help=f"exported LLaVA folder (default: ${layout.ENV_MODEL_DIR})")
     p.add_argument("--precision", choices=layout.PRECISIONS, default="int4",
