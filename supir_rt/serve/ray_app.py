@@ -241,6 +241,10 @@ class ApiDeployment:
     async def _read_form(self, request: Request) -> tuple[Job, bool]:
         """The multipart body (size-capped while reading) -> a `Job`; True when JSON output is asked."""
         cap = self.limits.max_body_bytes
+        kind = request.headers.get("content-type", "")
+        if not kind.startswith("multipart/form-data"):
+            raise RequestError(400, "body", f"the body is {kind or 'without a Content-Type'}; send multipart/form-data "
+                               "with the image file in the field 'image' (curl -F image=@photo.png)", "bad_request")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
             raise RequestError(413, "body", f"the request body is {int(declared):,} bytes; this server accepts up "
