@@ -122,7 +122,8 @@ class TilingPlan:
         budget = f"budget {self.budget_bytes / GiB:.1f} GiB"
         if self.sampler_tiled:
             th, tw = self.tile
-            sampler = (f"sampler tiled ({self.tiles} tiles of {tw * LATENT_FACTOR}x{th * LATENT_FACTOR} px, stride "
+            count = f"{self.tiles} tile{'s' if self.tiles != 1 else ''}"
+            sampler = (f"sampler tiled ({count} of {tw * LATENT_FACTOR}x{th * LATENT_FACTOR} px, stride "
                        f"{self.stride * LATENT_FACTOR} px, {self.tile_batch} per call)")
         else:
             sampler = "sampler untiled"
@@ -171,9 +172,7 @@ def plan_tiling(
     if vae_tiling_mode == "none":
         vae_tiled = False
     if sampler_tiled and tile_size > min(width, height):
-        if default_tile_size is not None and tile_size == default_tile_size:
-            notes.append(f"the default sampler tile ({tile_size} px) is clamped to the {width}x{height} px image")
-        else:
+        if default_tile_size is None or tile_size != default_tile_size:  # the default is clamped (one note, below)
             raise TilingError(
                 f"--tile-size {tile_size} is larger than the {width}x{height} px processing size; use at most "
                 f"{min(width, height) // 64 * 64} (a multiple of 64), or --tiling off")

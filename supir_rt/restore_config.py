@@ -12,6 +12,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from supir_rt.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_POSITIVE_PROMPT
@@ -164,6 +165,39 @@ RESTORE_PRESETS: dict[str, RestoreConfig] = {
 }
 
 
+def settings_from_png(path: str | Path) -> tuple[RestoreConfig, str | None]:
+    """The settings (with the seed that was used) and the caption stored in an image written by supir-rt
+    (``restore``, the UI or a server), for ``--settings-from``: restoring the same input with them
+    reproduces that image. Settings this version does not know are ignored; bad ones raise `SettingError`."""
+    from supir_rt.errors import UserError
+    from supir_rt.images import read_metadata
+
+    name = Path(path).name
+    try:
+        meta = read_metadata(path)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"--settings-from {path}: cannot read it ({err}); give a PNG written by supir-rt") from None
+    settings = meta.get("settings") if isinstance(meta, dict) else None
+    if not isinstance(settings, dict):
+        raise UserError(f"--settings-from {path}: {name} holds no supir-rt settings; give a PNG written by "
+                        "supir-rt restore, the UI or a server")
+    known = {f.name for f in dataclasses.fields(RestoreConfig)}
+    config = RestoreConfig(**{k: v for k, v in settings.items() if k in known})
+    caption = meta.get("caption")
+    return config, caption if isinstance(caption, str) else None
+
+
+TINY_RANDOM_STEPS, TINY_RANDOM_MIN_SIZE = 4, 256
+
+
+def tiny_random_defaults(base: RestoreConfig) -> dict[str, Any]:
+    """The settings ``--tiny-random`` changes when not given, so that a CPU run of the tiny model is short:
+    min_size 256, and 4 steps instead of a preset's 50 or 100. A preset already that short keeps its own
+    count (lightning: 8 steps, the count its DPM++ 2M SDE schedule is made for)."""
+    steps = base.num_steps if base.num_steps <= 2 * TINY_RANDOM_STEPS else TINY_RANDOM_STEPS
+    return {"num_steps": steps, "min_size": TINY_RANDOM_MIN_SIZE}
+
+
 def restore_preset(name: str) -> RestoreConfig:
     """The preset called ``name`` (see `RESTORE_PRESETS`)."""
     try:
@@ -174,5 +208,6 @@ def restore_preset(name: str) -> RestoreConfig:
 
 __all__ = [
     "COLOR_FIXES", "ColorFix", "MAX_SIDE", "NUMBER_RANGES", "OFFICIAL", "RESTORE_PRESETS", "RestoreConfig", "SAMPLERS", "Sampler", "TILINGS",
-    "Tiling", "VAE_TILING_MODES", "VAETilingMode", "normalise_color_fix", "restore_preset",
+    "Tiling", "VAE_TILING_MODES", "VAETilingMode", "normalise_color_fix", "restore_preset", "settings_from_png",
+    "tiny_random_defaults",
 ]

@@ -25,10 +25,12 @@ from PIL.PngImagePlugin import PngInfo
 
 from supir_rt.errors import SettingError
 from supir_rt.images import METADATA_KEY, ImageError, LoadedImage, encode_metadata, from_pil
-from supir_rt.restore_config import RESTORE_PRESETS, RestoreConfig, normalise_color_fix, restore_preset
+from supir_rt.restore_config import (
+    RESTORE_PRESETS, RestoreConfig, normalise_color_fix, restore_preset, tiny_random_defaults,
+)
 
-# --tiny-random defaults that keep a CPU request short (as the CLI's); explicit settings win.
-TINY_DEFAULTS = {"num_steps": 4, "min_size": 256}
+# --tiny-random defaults that keep a CPU request short (as the CLI's, `tiny_random_defaults`); explicit settings win.
+TINY_DEFAULTS = tiny_random_defaults(RestoreConfig())
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def parse_settings(raw: str | bytes | Mapping[str, Any] | None, limits: Limits =
     values = {name: _check_type(name, value) for name, value in doc.items() if value is not None}
     base = restore_preset(preset)
     if tiny:
-        base = base.with_overrides(**{k: v for k, v in TINY_DEFAULTS.items() if k not in values})
+        base = base.with_overrides(**{k: v for k, v in tiny_random_defaults(base).items() if k not in values})
     try:  # the request as a whole (tile_size 256 with tile_stride 128 is valid together, not one by one)
         config = base.with_overrides(**values)
     except SettingError as err:
