@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supir_rt.serve.protocol import Limits
+from supir_rt.serve.protocol import DEFAULT_PROCESSING_PIXELS, Limits
 
 DEFAULT_PORT = 8000
 REMOTE_WEIGHTS = "/weights"  # where --print-config and triton-repo put the weights unless told (mount them there)
@@ -50,7 +50,8 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help=f"largest input image in pixels (default {d.max_image_pixels:,})")
     g.add_argument("--max-processing-pixels", type=int, default=d.max_processing_pixels,
-                   help=f"largest processing size in pixels (default {d.max_processing_pixels:,})")
+                   help=f"largest processing size in pixels (default by device: {DEFAULT_PROCESSING_PIXELS['cuda']:,} "
+                   f"on a GPU, {DEFAULT_PROCESSING_PIXELS['cpu']:,} on CPU)")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help=f"most sampler steps per request ({d.max_steps})")
     g.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
                    help=f"seconds before a request is answered 504 (default {d.request_timeout_s:g})")

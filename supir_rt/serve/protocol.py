@@ -39,9 +39,22 @@ class Limits:
 
     max_body_bytes: int = 32 * 1024 * 1024  # whole request body
     max_image_pixels: int = 16 * 1024 * 1024  # decoded input size (decompression-bomb guard)
-    max_processing_pixels: int = 4 * 1024 * 1024  # SDXL processing size (upscale × input, min_size)
+    max_processing_pixels: int | None = None  # SDXL processing size (upscale × input, min_size); None: by device
     max_steps: int = 200
     request_timeout_s: float = 600.0
+
+
+# The default processing-size limit of a replica, by where it runs: a GPU does 4 Mpx (2048²) in well
+# under the timeout; a CPU replica is for trying the plumbing, and 1 Mpx (1024², SUPIR's own size) there
+# already takes a long time with the real model.
+DEFAULT_PROCESSING_PIXELS = {"cuda": 4 * 1024 * 1024, "cpu": 1024 * 1024}
+
+
+def processing_pixels_limit(limits: Limits, device: str) -> int:
+    """``limits.max_processing_pixels``, or the default for ``device`` (cuda[:N] or cpu)."""
+    if limits.max_processing_pixels is not None:
+        return limits.max_processing_pixels
+    return DEFAULT_PROCESSING_PIXELS["cuda" if device.startswith("cuda") else "cpu"]
 
 
 class RequestError(ValueError):
@@ -187,4 +200,4 @@ def png_metadata(data: bytes) -> dict[str, Any] | None:
     return json.loads(text) if text else None
 
 
-__all__ = ["Limits", "RequestError", "TINY_DEFAULTS", "decode_image", "encode_png", "parse_settings", "png_metadata"]
+__all__ = ["DEFAULT_PROCESSING_PIXELS", "Limits", "RequestError", "processing_pixels_limit", "TINY_DEFAULTS", "decode_image", "encode_png", "parse_settings", "png_metadata"]

@@ -85,7 +85,11 @@ class RestorerDeployment:
         return outcomes
 
     async def restore(self, job: Job) -> Outcome:
-        return await self.restore_batch(job)
+        try:
+            return await self.restore_batch(job)
+        except asyncio.CancelledError:  # the client left or the API's timeout passed: stop at the next step
+            job.cancelled = True
+            raise
 
     async def caption(self, job: Job) -> str | RequestError:
         def run() -> str | RequestError:
@@ -284,7 +288,7 @@ class ApiDeployment:
         want_json = (request.query_params.get("format") == "json"
                      or "application/json" in request.headers.get("accept", ""))
         return Job(image=image, config=config, caption=caption if isinstance(caption, str) else None,
-                   name=upload.filename or None), want_json
+                   name=upload.filename or None, deadline=time.time() + self.limits.request_timeout_s), want_json
 
     async def _call(self, method: str, job: Job) -> Any:
         """The model call; back-pressure -> 503 + Retry-After, a dead replica -> one retry, then 503."""

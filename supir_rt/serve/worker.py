@@ -21,7 +21,7 @@ from supir_rt.errors import SettingError, UserError
 from supir_rt.images import ImageError, LoadedImage
 from supir_rt.pipeline import NonFiniteOutputError, RestoreResult
 from supir_rt.restore_config import RestoreConfig
-from supir_rt.serve.protocol import Limits, RequestError, encode_png
+from supir_rt.serve.protocol import Limits, RequestError, encode_png, processing_pixels_limit
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def build_restorer(options: RuntimeOptions, limits: Limits) -> Any:
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = options.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     kwargs: dict[str, Any] = {"max_pixels": limits.max_image_pixels,
-                              "max_processing_pixels": limits.max_processing_pixels}
+                              "max_processing_pixels": processing_pixels_limit(limits, device)}
     if options.captioner == "llava":
         from supir_rt.caption import make_captioner
 
@@ -92,13 +92,26 @@ def build_restorer(options: RuntimeOptions, limits: Limits) -> Any:
 
 @dataclass
 class Job:
-    """One accepted request: decoded image, settings, optional caption, when it was accepted."""
+    """One accepted request: decoded image, settings, optional caption, when it was accepted.
+
+    ``deadline`` (a `time.time()` value) and ``cancelled`` (set by the server when the client went away)
+    stop the work between two sampler steps: nobody waits for the answer any more."""
 
     image: LoadedImage
     config: RestoreConfig
     caption: str | None = None
     name: str | None = None
     accepted_at: float = field(default_factory=time.time)
+    deadline: float | None = None
+    cancelled: bool = False
+
+    def check_alive(self) -> None:
+        """Raise the `RequestError` that ends this job when it was cancelled or its deadline passed."""
+        if self.cancelled:
+            raise RequestError(499, "request", "the client closed the request; its work was stopped", "cancelled")
+        if self.deadline is not None and time.time() > self.deadline:
+            raise RequestError(504, "request_timeout_s", "the request passed this server's time limit; its work "
+                               "was stopped", "timeout")
 
 
 @dataclass
@@ -147,7 +160,7 @@ class RestoreWorker:
                            Path(jobs[i].name) if jobs[i].name else None) for i in ready]
         for group in group_by_key(items, self.max_batch_size):
             t0 = time.perf_counter()
-            results = self._run_group([items[g] for g in group])
+            results = self._run_group([items[g] for g in group], [jobs[ready[g]] for g in group])
             run_s = time.perf_counter() - t0
             steps = sum(items[g].config.num_steps for g in group)
             for g, result in zip(group, results):
@@ -177,18 +190,36 @@ class RestoreWorker:
             raise RequestError(422, "noise_device", f"noise_device={job.config.noise_device!r}: this server runs on "
                                f"{self.device}; use cpu", "invalid_setting")
 
-    def _run_group(self, items: Sequence[BatchItem]) -> list[RestoreResult | RequestError]:
-        if len(items) > 1:
+    def _run_group(self, items: Sequence[BatchItem], jobs: Sequence[Job]) -> list[RestoreResult | RequestError]:
+        """Compatible requests through the shared sampler loop; a request cancelled or past its deadline is
+        not started. The shared loop has no step callback: it stops its requests only between batches,
+        a request alone stops between two sampler steps."""
+        results: list[RestoreResult | RequestError | None] = [None] * len(items)
+        live = []
+        for i, job in enumerate(jobs):
             try:
-                return list(run_batch(self.restorer.pipeline, items, captioner=self.restorer.captioner))
+                job.check_alive()
+                live.append(i)
+            except RequestError as err:
+                results[i] = err
+        if len(live) > 1:
+            try:
+                batch = run_batch(self.restorer.pipeline, [items[i] for i in live], captioner=self.restorer.captioner)
+                for i, result in zip(live, batch):
+                    results[i] = result
+                live = []
             except Exception as err:  # noqa: BLE001 - isolate the request at fault by running each alone
-                log.warning("batched restore of %d requests failed (%s); running them one by one", len(items), err)
-        return [self._run_one(item) for item in items]
+                log.warning("batched restore of %d requests failed (%s); running them one by one", len(live), err)
+        for i in live:
+            results[i] = self._run_one(items[i], jobs[i])
+        return results  # type: ignore[return-value]
 
-    def _run_one(self, item: BatchItem) -> RestoreResult | RequestError:
+    def _run_one(self, item: BatchItem, job: Job) -> RestoreResult | RequestError:
         try:
+            job.check_alive()
             return self.restorer.pipeline.run(item.image, item.config, caption=item.caption,
-                                              captioner=self.restorer.captioner, source=item.source)
+                                              captioner=self.restorer.captioner, source=item.source,
+                                              callback=lambda _step: job.check_alive())
         except Exception as err:  # noqa: BLE001 - this request alone fails
             return as_request_error(err)
 

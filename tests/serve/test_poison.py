@@ -108,3 +108,46 @@ def test_unexpected_failure_fails_only_its_request(model, monkeypatch, reference
         else:
             assert err == b"", err
             assert_same_image(decode_png(png), expected(reference_restorer, png_bytes(0), seed=seed))
+
+
+def test_cancelled_or_expired_work_stops_between_steps(model):
+    """A request whose client left (``cancelled``, set by the Ray replica when its caller is cancelled) or
+    whose deadline passed stops at the next sampler step instead of running all its steps. 400 steps of
+    the tiny model take ~30 s on a free core; the cancelled run ends after the step in progress."""
+    import threading
+    import time
+
+    from supir_rt.serve.protocol import decode_image
+    from supir_rt.serve.worker import Job
+
+    config = RestoreConfig(**{**FAST, "num_steps": 400})
+    steps = []
+    pipeline = model.worker.restorer.pipeline
+    real_run = pipeline.run
+
+    def counting_run(*args, callback=None, **kw):
+        return real_run(*args, callback=lambda info: (steps.append(info.index), callback(info)), **kw)
+
+    job = Job(image=decode_image(png_bytes(0)), config=config)
+    threading.Timer(1.0, lambda: setattr(job, "cancelled", True)).start()
+    pipeline.run = counting_run
+    try:
+        [outcome] = model.worker.run([job])
+        assert outcome.error is not None and outcome.error.kind == "cancelled", outcome
+        assert 0 < len(steps) < 400, len(steps)  # stopped after a step, not after all 400
+        steps.clear()
+        late = Job(image=decode_image(png_bytes(0)), config=config, deadline=time.time() + 1.0)
+        [outcome] = model.worker.run([late])
+        assert outcome.error.status == 504 and outcome.error.kind == "timeout" and 0 < len(steps) < 400
+        [outcome] = model.worker.run([Job(image=decode_image(png_bytes(0)), config=config, deadline=time.time() - 1)])
+        assert outcome.error.kind == "timeout" and not [s for s in steps if s > 400]  # never started
+    finally:
+        pipeline.run = real_run
+
+
+def test_default_processing_limit_follows_the_device():
+    from supir_rt.serve.protocol import DEFAULT_PROCESSING_PIXELS, Limits, processing_pixels_limit
+
+    assert processing_pixels_limit(Limits(), "cpu") == 1024 * 1024 == DEFAULT_PROCESSING_PIXELS["cpu"]
+    assert processing_pixels_limit(Limits(), "cuda:1") == 4 * 1024 * 1024
+    assert processing_pixels_limit(Limits(max_processing_pixels=5), "cpu") == 5
