@@ -239,14 +239,16 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
             signal.signal(sig, lambda *_: stop.set())
 
     on_signal()
-    try:
-        claim_port(args.host, args.port, "--port")
-        if args.metrics_export_port is not None:
-            claim_port(_metrics_host(args.host), args.metrics_export_port, "--metrics-export-port")
-        loading = LoadingResponder(args.host, args.port, args.retry_after)
-    except PortTaken as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    loading = _NoLoadingAnswer()  # a joined cluster (--address) runs its proxies on its own nodes
+    if not args.address:
+        try:
+            claim_port(args.host, args.port, "--port")
+            if args.metrics_export_port is not None:
+                claim_port(_metrics_host(args.host), args.metrics_export_port, "--metrics-export-port")
+            loading = LoadingResponder(args.host, args.port, args.retry_after)
+        except PortTaken as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     import ray
     from ray import serve
 
@@ -299,6 +301,11 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
             serve.shutdown()
         ray.shutdown()  # stops the local Ray instance this command started (raylet, GCS, agents)
     return code
+
+
+class _NoLoadingAnswer:
+    def close(self) -> None:
+        pass
 
 
 def _metrics_host(host: str) -> str:
