@@ -177,7 +177,10 @@ def test_bad_requests_get_4xx_json_naming_the_field(url, reference_restorer):
         (lambda: post(url, good, {**FAST, "upscale": 20.0}), 413, "upscale"),  # 960x800 px > the 300k limit
         (lambda: post(url, good, {**FAST, "upscale": 100.0}), 422, "upscale"),  # above 32: no run could finish
         (lambda: post(url, b"\0" * (MAX_BODY + 1024)), 413, "body"),
-        (lambda: requests.post(f"{url}/v1/restore", data={"settings": "{}"}, timeout=60), 400, "image"),
+        # not multipart: the body is at fault (as documented), not a missing image
+        (lambda: requests.post(f"{url}/v1/restore", data={"settings": "{}"}, timeout=60), 400, "body"),
+        (lambda: requests.post(f"{url}/v1/restore", json={"image": "x"}, timeout=60), 400, "body"),
+        (lambda: requests.post(f"{url}/v1/restore", files={"settings": (None, "{}")}, timeout=60), 400, "image"),
         (lambda: requests.post(f"{url}/v1/caption", files={"image": ("a.png", good)}, timeout=60), 501, "captioner"),
     ]
     for send, status, field in cases:
