@@ -275,7 +275,7 @@ def open_exported_engines(
             "install onnxruntime (pip install 'supir-rt[onnx]') to run --engines-dir, or pass --sdxl/--supir"
         )
     engines = _open_artifact_engines(backend, config, engines_dir, dtype)
-    desc = {"backend": backend, "dtype": dtype, "model": config.name, "engines_dir": str(engines_dir)}
+    desc = {"backend": backend, "dtype": dtype, "model": config.name, "engines_dir": Path(engines_dir).name}
     return engines, config, desc
 
 
@@ -322,7 +322,7 @@ def open_tiny_engines(
         out = Path(engines_dir) if engines_dir else tiny_engines_cache()
         export_all(model, out, precision=dtype, progress=False, reuse=True)
         engines = _open_artifact_engines(backend, config, out, dtype)
-        desc["engines_dir"] = str(out)
+        desc["engines_dir"] = out.name  # a name, not a path: outputs carry it
     return engines, config, desc
 
 

@@ -9,7 +9,10 @@ configuration (current HEAD, 2025-05-12). Presets are data: a dict name -> `Rest
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from supir_rt.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_POSITIVE_PROMPT
@@ -34,6 +37,19 @@ SAMPLERS: tuple[str, ...] = ("edm", "dpmpp2m-sde")
 PER_REQUEST_FIELDS = frozenset({
     "seed", "upscale", "min_size", "color_fix_type", "a_prompt", "n_prompt", "quality_first",
 })
+
+MAX_SIDE = 16384  # px: no setting asks for a processing side or a tile above this
+# float setting -> (lowest, highest, an example); generous bounds around the official UI's slider ranges,
+# which keep NaN, Infinity and values no run could finish (upscale 1e308) out.
+NUMBER_RANGES: dict[str, tuple[float, float, str]] = {
+    "cfg_scale": (0.0, 100.0, "4"), "cfg_scale_start": (0.0, 100.0, "1"),
+    "control_scale": (0.0, 10.0, "1"), "control_scale_start": (0.0, 10.0, "0"),
+    "restore_cfg": (-100.0, 100.0, "-1 (off) or 4"), "restore_cfg_s_tmin": (0.0, 1000.0, "0.05"),
+    "s_churn": (0.0, 1000.0, "5"), "s_noise": (0.0, 10.0, "1.01"),
+    "upscale": (0.0, 32.0, "2"), "max_memory_gb": (0.0, 1e6, "16"),
+}
+_POSITIVE = ("upscale", "max_memory_gb")
+_NOISE_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -79,36 +95,43 @@ class RestoreConfig:
             raise SettingError("num_steps", self.num_steps, "use an integer number of steps in 1..1000")
         if self.color_fix_type not in COLOR_FIXES:
             raise SettingError("color_fix_type", self.color_fix_type, f"choose one of {', '.join(COLOR_FIXES)}")
-        if not self.upscale > 0:
-            raise SettingError("upscale", self.upscale, "must be > 0 (1 keeps the input size)")
-        if not isinstance(self.min_size, int) or self.min_size < 0:
-            raise SettingError("min_size", self.min_size, "must be a non-negative integer number of pixels")
-        if self.s_churn < 0:
-            raise SettingError("s_churn", self.s_churn, "must be >= 0")
-        if self.s_noise < 0:
-            raise SettingError("s_noise", self.s_noise, "must be >= 0")
+        self._check_numbers()
+        if not isinstance(self.min_size, int) or not 0 <= self.min_size <= MAX_SIDE:
+            raise SettingError("min_size", self.min_size, f"use an integer number of pixels in 0..{MAX_SIDE}, e.g. 1024")
+        if not isinstance(self.noise_device, str) or not _NOISE_DEVICE.fullmatch(self.noise_device):
+            raise SettingError("noise_device", self.noise_device, "not a device name; use cpu, cuda or cuda:N")
         if not isinstance(self.seed, int) or self.seed < -1 or self.seed >= 2**63:
             raise SettingError("seed", self.seed, "use a non-negative integer, or -1 for a random seed")
         if self.sampler not in SAMPLERS:
             raise SettingError("sampler", self.sampler, f"choose one of {', '.join(SAMPLERS)}")
         self._check_tiling()
 
+    def _check_numbers(self) -> None:
+        """Every float setting is a finite number in its range (`NUMBER_RANGES`): NaN, Infinity and absurd
+        magnitudes are refused here, before any work, rather than failing (or producing NaN) mid-run."""
+        for name, (low, high, example) in NUMBER_RANGES.items():
+            value = getattr(self, name)
+            if name == "max_memory_gb" and value is None:
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not low <= value <= high or (name in _POSITIVE and value <= 0):
+                above = "above 0" if name in _POSITIVE else f"from {low:g}"
+                raise SettingError(name, value, f"use a finite number {above} to {high:g}, e.g. {example}")
+
     def _check_tiling(self) -> None:
         if self.tiling not in TILINGS:
             raise SettingError("tiling", self.tiling, f"choose one of {', '.join(TILINGS)}")
         if self.vae_tiling not in VAE_TILING_MODES:
             raise SettingError("vae_tiling", self.vae_tiling, f"choose one of {', '.join(VAE_TILING_MODES)}")
-        if not isinstance(self.tile_size, int) or self.tile_size < 64 or self.tile_size % 64:
+        if not isinstance(self.tile_size, int) or not 64 <= self.tile_size <= MAX_SIDE or self.tile_size % 64:
             raise SettingError("tile_size", self.tile_size, "use a multiple of 64 px, e.g. 1024")
         if not isinstance(self.tile_stride, int) or not 8 <= self.tile_stride <= self.tile_size or self.tile_stride % 8:
             raise SettingError("tile_stride", self.tile_stride, f"use a multiple of 8 px between 8 and the tile size "
                                f"{self.tile_size}, e.g. {self.tile_size // 2 // 8 * 8 or 8}")
-        if not isinstance(self.tile_batch, int) or self.tile_batch < 1:
-            raise SettingError("tile_batch", self.tile_batch, "use an integer >= 1, e.g. 1")
-        if not isinstance(self.vae_tile_size, int) or self.vae_tile_size < 64 or self.vae_tile_size % 64:
+        if not isinstance(self.tile_batch, int) or not 1 <= self.tile_batch <= 64:
+            raise SettingError("tile_batch", self.tile_batch, "use an integer in 1..64, e.g. 1")
+        if not isinstance(self.vae_tile_size, int) or not 64 <= self.vae_tile_size <= MAX_SIDE or self.vae_tile_size % 64:
             raise SettingError("vae_tile_size", self.vae_tile_size, "use a multiple of 64 px, e.g. 512")
-        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
-            raise SettingError("max_memory_gb", self.max_memory_gb, "use a positive number of GiB, e.g. 16")
 
     def with_overrides(self, **overrides: Any) -> RestoreConfig:
         """A copy with the given fields changed; None values are ignored (handy for CLI flags)."""
@@ -148,6 +171,39 @@ RESTORE_PRESETS: dict[str, RestoreConfig] = {
 }
 
 
+def settings_from_png(path: str | Path) -> tuple[RestoreConfig, str | None]:
+    """The settings (with the seed that was used) and the caption stored in an image written by supir-rt
+    (``restore``, the UI or a server), for ``--settings-from``: restoring the same input with them
+    reproduces that image. Settings this version does not know are ignored; bad ones raise `SettingError`."""
+    from supir_rt.errors import UserError
+    from supir_rt.images import read_metadata
+
+    name = Path(path).name
+    try:
+        meta = read_metadata(path)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"--settings-from {path}: cannot read it ({err}); give a PNG written by supir-rt") from None
+    settings = meta.get("settings") if isinstance(meta, dict) else None
+    if not isinstance(settings, dict):
+        raise UserError(f"--settings-from {path}: {name} holds no supir-rt settings; give a PNG written by "
+                        "supir-rt restore, the UI or a server")
+    known = {f.name for f in dataclasses.fields(RestoreConfig)}
+    config = RestoreConfig(**{k: v for k, v in settings.items() if k in known})
+    caption = meta.get("caption")
+    return config, caption if isinstance(caption, str) else None
+
+
+TINY_RANDOM_STEPS, TINY_RANDOM_MIN_SIZE = 4, 256
+
+
+def tiny_random_defaults(base: RestoreConfig) -> dict[str, Any]:
+    """The settings ``--tiny-random`` changes when not given, so that a CPU run of the tiny model is short:
+    min_size 256, and 4 steps instead of a preset's 50 or 100. A preset already that short keeps its own
+    count (lightning: 8 steps, the count its DPM++ 2M SDE schedule is made for)."""
+    steps = base.num_steps if base.num_steps <= 2 * TINY_RANDOM_STEPS else TINY_RANDOM_STEPS
+    return {"num_steps": steps, "min_size": TINY_RANDOM_MIN_SIZE}
+
+
 def restore_preset(name: str) -> RestoreConfig:
     """The preset called ``name`` (see `RESTORE_PRESETS`)."""
     try:
@@ -157,6 +213,7 @@ def restore_preset(name: str) -> RestoreConfig:
 
 
 __all__ = [
-    "COLOR_FIXES", "ColorFix", "OFFICIAL", "PER_REQUEST_FIELDS", "RESTORE_PRESETS", "RestoreConfig", "SAMPLERS", "Sampler", "TILINGS",
-    "Tiling", "VAE_TILING_MODES", "VAETilingMode", "normalise_color_fix", "restore_preset",
+    "COLOR_FIXES", "ColorFix", "MAX_SIDE", "NUMBER_RANGES", "OFFICIAL", "PER_REQUEST_FIELDS", "RESTORE_PRESETS",
+    "RestoreConfig", "SAMPLERS", "Sampler", "TILINGS", "Tiling", "VAE_TILING_MODES", "VAETilingMode",
+    "normalise_color_fix", "restore_preset", "settings_from_png", "tiny_random_defaults",
 ]

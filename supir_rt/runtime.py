@@ -217,11 +217,12 @@ def find_weights(args: Any, file_cfg: Mapping[str, Any], env: Mapping[str, str] 
             supir_path = repack
     missing = [p for p in (sdxl_path, supir_path) if not p.is_file()]
     if missing:
-        raise WeightsNotFoundError(weights_help(sdxl_path, supir_path, weights_dir, variant))
+        raise WeightsNotFoundError(weights_help(sdxl_path, supir_path, weights_dir, variant,
+                                                command=get("command") or "restore"))
     return WeightPaths(sdxl_path, supir_path)
 
 
-def weights_help(sdxl: Path, supir: Path, weights_dir: Path, variant: str) -> str:
+def weights_help(sdxl: Path, supir: Path, weights_dir: Path, variant: str, command: str = "restore") -> str:
     def state(p: Path) -> str:
         return "found" if p.is_file() else "NOT FOUND"
 
@@ -234,7 +235,8 @@ def weights_help(sdxl: Path, supir: Path, weights_dir: Path, variant: str) -> st
         f"     looked for {supir}: {state(supir)}\n"
         f"Put both files in {weights_dir} (change the folder with --weights-dir or ${ENV_WEIGHTS_DIR}), or give "
         f"each path with --sdxl/--supir, ${ENV_SDXL}/${ENV_SUPIR}, or a [weights] table in {default_config_path()}.\n"
-        "To see the pipeline run without weights: supir-rt restore IMAGE --tiny-random"
+        f"To see the pipeline run without weights: supir-rt {command}{' IMAGE' if command == 'restore' else ''} "
+        "--tiny-random"
     )
 
 

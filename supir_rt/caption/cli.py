@@ -27,8 +27,14 @@ def add_caption_parser(subparsers: Any) -> None:
         "a local transformers image-text-to-text model folder (SmolVLM, Qwen2-VL, ...; see docs/captions.md). "
         "With one image the caption is printed; with several, 'PATH<TAB>caption' lines; with -o, "
         "<stem>.txt files are written into the folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  supir-rt caption photo.jpg --model-dir llava-onnx/          print the caption\n"
+        "  supir-rt caption scans/*.png --model-dir llava-onnx/ -o captions/   one <stem>.txt per image\n"
+        "  supir-rt restore photo.jpg --caption \"$(supir-rt caption photo.jpg --model-dir llava-onnx/)\"",
     )
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                   help="image file(s) to caption (PNG, JPEG, WebP, TIFF, BMP)")
     p.add_argument("--captioner", choices=("llava", "hf"), default="llava",
                    help="llava (default: an exported LLaVA folder) or hf (a transformers model folder)")
     p.add_argument("--model-dir", "--caption-model", type=Path, default=None,

@@ -22,6 +22,7 @@ from supir_rt import runtime
 from supir_rt.runtime import TINY_DEFAULTS, add_runtime_options, options_from_args, read_config_file, report_error
 from supir_rt.restore_config import (
     RESTORE_PRESETS, SAMPLERS, TILINGS, VAE_TILING_MODES, RestoreConfig, normalise_color_fix, restore_preset,
+    settings_from_png, tiny_random_defaults,
 )
 
 log = logging.getLogger("supir_rt")
@@ -172,6 +173,9 @@ def add_restore_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=list(RESTORE_PRESETS), default="official",
                    help="starting values: official (test.py, default), paper, quality, fidelity, "
                    "lightning (DPM++ 8 steps, for SDXL Lightning finetunes)")
+    s.add_argument("--settings-from", type=Path, metavar="PNG", default=None,
+                   help="start from the settings, seed and caption stored in a PNG written by supir-rt (reproduces "
+                   "it from the same input); flags given as well change those settings")
     s.add_argument("--sampler", choices=SAMPLERS, dest="sampler",
                    help="edm (official RestoreEDMSampler, default) or dpmpp2m-sde (few-step DPM++ 2M SDE of the "
                    "official Lightning config; ignores --restore-cfg, --s-churn, --linear-control-scale)")
@@ -238,11 +242,17 @@ def add_restore_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def restore_config_from_args(args: argparse.Namespace) -> RestoreConfig:
     overrides = {name: getattr(args, name, None) for name in SETTING_FLAGS if name != "preset"}
+    base = restore_preset(args.preset)
+    if getattr(args, "settings_from", None) is not None:  # a PNG's settings (and caption); flags still win
+        base, caption = settings_from_png(args.settings_from)
+        if args.caption is None and getattr(args, "captioner", None) is None:
+            args.caption = caption
+        return base.with_overrides(**overrides)
     if args.tiny_random:
-        for name, value in TINY_DEFAULTS.items():
+        for name, value in tiny_random_defaults(base).items():
             if overrides.get(name) is None:
                 overrides[name] = value
-    return restore_preset(args.preset).with_overrides(**overrides)
+    return base.with_overrides(**overrides)
 
 
 def make_captioner_from_args(args: argparse.Namespace) -> Any:

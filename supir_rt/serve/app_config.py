@@ -25,7 +25,7 @@ class AppConfig:
     max_replicas: int | None = None
     target_ongoing_requests: float = 2.0  # autoscaling target per replica
     gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_replica: float = 1.0
+    cpus_per_replica: float | None = None  # None: 1, or what fits the cluster beside the HTTP front
     max_batch_size: int = 4
     batch_wait_s: float = 0.05
     max_ongoing_requests: int = 4  # per replica

@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from supir_rt.runtime import add_torch_options
-from supir_rt.serve.protocol import Limits
+from supir_rt.serve.protocol import DEFAULT_PROCESSING_PIXELS, Limits
 
 DEFAULT_PORT = 8000
+REMOTE_WEIGHTS = "/weights"  # where --print-config and triton-repo put the weights unless told (mount them there)
 
 
 def add_serving_parsers(subparsers: Any) -> None:
@@ -50,7 +52,8 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help=f"largest input image in pixels (default {d.max_image_pixels:,})")
     g.add_argument("--max-processing-pixels", type=int, default=d.max_processing_pixels,
-                   help=f"largest processing size in pixels (default {d.max_processing_pixels:,})")
+                   help=f"largest processing size in pixels (default by device: {DEFAULT_PROCESSING_PIXELS['cuda']:,} "
+                   f"on a GPU, {DEFAULT_PROCESSING_PIXELS['cpu']:,} on CPU)")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help=f"most sampler steps per request ({d.max_steps})")
     g.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
                    help=f"seconds before a request is answered 504 (default {d.request_timeout_s:g})")
@@ -66,19 +69,15 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
     """The replicas' `RuntimeOptions` as a dict. Weights are looked up (and must exist) on this machine,
     except for --print-config, whose paths are those of the cluster's workers, taken as given."""
     sdxl, supir = args.sdxl, args.supir
-    remote = getattr(args, "print_config", False)
+    remote = getattr(args, "print_config", False) or getattr(args, "remote_paths", False)
     if not args.tiny_random and not args.engines_dir:
-        if remote:
-            from supir_rt.errors import SetupError
+        if remote:  # the paths on the workers: as given, else placeholders under REMOTE_WEIGHTS to edit or mount
             from supir_rt.runtime import SDXL_FILE, SUPIR_FILES
 
-            folder = args.weights_dir
+            folder = args.weights_dir or Path(REMOTE_WEIGHTS)
             variant = (args.supir_variant or "Q").upper()
-            sdxl = sdxl or (folder / SDXL_FILE if folder else None)
-            supir = supir or (folder / SUPIR_FILES[variant] if folder else None)
-            if not (sdxl and supir):
-                raise SetupError("--print-config needs the workers' weight paths: --sdxl and --supir, or --weights-dir "
-                                 "(or --engines-dir, or --tiny-random)")
+            sdxl = sdxl or folder / SDXL_FILE
+            supir = supir or folder / SUPIR_FILES[variant]
         else:
             from supir_rt.runtime import find_weights, read_config_file
 
@@ -108,7 +107,14 @@ def add_serve_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve", help="serve the HTTP API with Ray Serve (local, Ray cluster, KubeRay)",
         description="Serve SUPIR over HTTP with Ray Serve: POST /v1/restore, POST /v1/caption, GET /v1/health, "
-        "GET /v1/info. Without --address a local Ray instance is started. See docs/serving.md.")
+        "GET /v1/info. Without --address a local Ray instance is started. See docs/serving.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  supir-rt serve --tiny-random --replicas 2          try the API without weights (outputs are NOT restorations)\n"
+        "  supir-rt serve --weights-dir ~/weights --host 0.0.0.0 --port 8000\n"
+        "  supir-rt serve --address ray://HEAD:10001 --sdxl /w/sdxl.safetensors --supir /w/SUPIR-v0Q.ckpt --autoscale 1:8\n"
+        "  supir-rt serve --autoscale 1:8 --print-config > supir.yaml   Ray Serve config (serve deploy / KubeRay)\n"
+        "  curl -F image=@docs/images/sample.png http://127.0.0.1:8000/v1/restore -o out.png")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 to listen on all)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
     p.add_argument("--address", default=None, help="join this Ray cluster (ray://HOST:10001 or auto) instead of a local one")
@@ -119,8 +125,9 @@ def add_serve_parser(subparsers: Any) -> None:
     s.add_argument("--autoscale", metavar="MIN:MAX", default=None, help="autoscale between MIN and MAX replicas")
     s.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs per replica (default 1 when the cluster has GPUs, else 0; fractions share a GPU)")
-    s.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica,
-                   help=f"CPUs reserved per replica (default {d.cpus_per_replica:g})")
+    s.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="CPUs reserved per replica (default 1, or less so that the replicas and the HTTP front fit "
+                   "the CPUs Ray has)")
     s.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help=f"requests sharing one engine call, 1 = no batching (default {d.max_batch_size})")
     s.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_s * 1000,
@@ -131,6 +138,8 @@ def add_serve_parser(subparsers: Any) -> None:
                    help=f"requests waiting for a replica before 503 (default {d.max_queued_requests})")
     s.add_argument("--retry-after", type=float, default=d.retry_after_s,
                    help=f"Retry-After seconds on 503 (default {d.retry_after_s:g})")
+    s.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="on SIGTERM / Ctrl-C, seconds that requests in flight may take to finish (default 60)")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     s.add_argument("--object-store-mb", type=int, default=None, help="object store of the local Ray instance (MiB)")
     s.add_argument("--metrics-export-port", type=int, default=None,
@@ -176,14 +185,32 @@ def serve_config_yaml(args: dict[str, Any], *, host: str, port: int) -> str:
     head = ("# Ray Serve config for supir-rt (generated by `supir-rt serve --print-config`).\n"
             "# Deploy: `serve deploy this.yaml`, or paste under spec.serveConfigV2 of a KubeRay RayService.\n"
             "# Every worker image needs supir-rt installed (pip install 'supir-rt[serve]') and the weights at\n"
-            "# the sdxl/supir (or engines_dir) paths below. See docs/serving.md.\n")
+            "# the sdxl/supir (or engines_dir) paths below (without --sdxl/--supir/--weights-dir: under\n"
+            f"# {REMOTE_WEIGHTS}, mount them there or edit the paths). See docs/serving.md.\n")
     return head + yaml.safe_dump(doc, sort_keys=False)
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise `SetupError` naming the extra to install and the import that failed (which may be a broken
+    dependency of an installed package rather than a missing one)."""
+    import importlib
+
+    from supir_rt.errors import SetupError
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise SetupError(f"this command needs the {extra} extra: pip install 'supir-rt[{extra}]' "
+                             f"(importing {module} failed: {err})") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from supir_rt.errors import SetupError
 
     try:
+        if not args.print_config:
+            require_extra("serve", "ray.serve", "fastapi")
         if args.address and args.metrics_export_port is not None:
             raise ValueError("--metrics-export-port sets up a local Ray instance; a cluster joined with --address "
                              "exports its metrics on the port its `ray start --metrics-export-port` chose")
@@ -205,6 +232,27 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
+    """Claim the port (503 + Retry-After while loading), start or join Ray, deploy, serve until SIGINT or
+    SIGTERM, then drain: no new requests, those in flight answered within --drain-timeout; stop Ray."""
+    from supir_rt.serve.lifecycle import LoadingResponder, PortTaken, claim_port
+
+    stop = threading.Event()
+
+    def on_signal() -> None:  # set again after ray.init, which installs its own SIGTERM handler (sys.exit)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    on_signal()
+    loading = _NoLoadingAnswer()  # a joined cluster (--address) runs its proxies on its own nodes
+    if not args.address:
+        try:
+            claim_port(args.host, args.port, "--port")
+            if args.metrics_export_port is not None:
+                claim_port(_metrics_host(args.host), args.metrics_export_port, "--metrics-export-port")
+            loading = LoadingResponder(args.host, args.port, args.retry_after)
+        except PortTaken as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     import ray
     from ray import serve
 
@@ -213,40 +261,101 @@ def _run_ray(args: argparse.Namespace, app_args: dict[str, Any]) -> int:
     if args.tiny_random:
         print("note: --tiny-random serves the tiny configuration with RANDOM weights: outputs are NOT restorations",
               file=sys.stderr)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         if args.address:
             ray.init(address=args.address)
         else:
             store = args.object_store_mb * 2**20 if args.object_store_mb else None
-            metrics = {} if args.metrics_export_port is None else {"_metrics_export_port": args.metrics_export_port}
-            ray.init(num_cpus=args.num_cpus, object_store_memory=store, include_dashboard=False, **metrics)
+            extra: dict[str, Any] = {} if args.metrics_export_port is None else {
+                "_metrics_export_port": args.metrics_export_port}
+            if _metrics_host(args.host) == "127.0.0.1":  # Ray's metrics endpoint binds the node address
+                extra["_node_ip_address"] = "127.0.0.1"
+            ray.init(num_cpus=args.num_cpus, object_store_memory=store, include_dashboard=False, **extra)
     except (ConnectionError, ValueError, RuntimeError) as err:
+        loading.close()
         if args.debug:
             raise
         print(f"error: cannot start or join Ray ({err}); check --address", file=sys.stderr)
         return 2
+    on_signal()
+    code = 0
     try:
+        app = build_app(app_args)
+        # Ray's proxy joins the port here; it knows no route until the deployment below, so deploy at once.
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
-        print(f"supir-rt: serving on http://{args.host}:{args.port}/v1/restore (health: /v1/health); "
-              "Ctrl-C to stop", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
-        return 0
-    except Exception as err:  # noqa: BLE001 - a deployment that fails to start (bad weights, no GPU)
+        serve._run(app, name=APP_NAME, route_prefix="/", _blocking=False)
+        code = _wait_until_running(serve, APP_NAME, loading, stop)
+        if code == 0 and not stop.is_set():
+            print(f"supir-rt: serving on http://{args.host}:{args.port}/v1/restore (health: /v1/health); "
+                  "Ctrl-C to stop", file=sys.stderr, flush=True)
+            stop.wait()
+        if code == 0:
+            _drain(serve, APP_NAME, args.drain_timeout)
+    except Exception as err:  # noqa: BLE001 - a deployment that fails to start (bad weights, no GPU, too few CPUs)
         if args.debug:
             raise
-        print(f"error: the application did not start ({err})", file=sys.stderr)
-        return 2
+        print(f"error: the application did not start ({_last_line(err)})", file=sys.stderr)
+        code = 2
     finally:
+        loading.close()
+        print("stopping", file=sys.stderr, flush=True)
         if args.address:
             serve.delete(APP_NAME)
         else:
             serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # stops the local Ray instance this command started (raylet, GCS, agents)
+    return code
+
+
+class _NoLoadingAnswer:
+    def close(self) -> None:
+        pass
+
+
+def _metrics_host(host: str) -> str:
+    return "127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0"
+
+
+def _last_line(err: BaseException | str) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _wait_until_running(serve: Any, app: str, loading: Any, stop: threading.Event) -> int:
+    """Wait for the application: the loading answer stops once the HTTP front is up (it answers 503 itself
+    until a model replica is ready); 0 when running, 2 (with one error line) when it failed."""
+    while not stop.is_set():
+        status = serve.status().applications.get(app)
+        if status is not None:
+            front = status.deployments.get("SupirAPI")
+            if front is not None and front.status == "HEALTHY":  # str enums
+                loading.close()
+            if status.status == "RUNNING":
+                loading.close()
+                return 0
+            if status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                messages = [d.message for d in status.deployments.values() if d.message] or [status.message]
+                print(f"error: the application did not start ({_last_line(messages[0])})", file=sys.stderr)
+                return 2
+        stop.wait(0.5)
+    return 0
+
+
+def _drain(serve: Any, app: str, timeout_s: float) -> None:
+    """SIGTERM/SIGINT: the front answers 503 + Retry-After to new requests; wait for those in flight."""
+    try:
+        front = serve.get_deployment_handle("SupirAPI", app_name=app)
+        pending = front.drain.remote().result(timeout_s=10)
+        deadline = time.monotonic() + timeout_s
+        if pending:
+            print(f"draining: {pending} request(s) in flight (up to {timeout_s:g} s)", file=sys.stderr, flush=True)
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pending = front.pending.remote().result(timeout_s=10)
+        if pending:
+            print(f"drain timeout: {pending} request(s) still running are dropped", file=sys.stderr, flush=True)
+    except Exception as err:  # noqa: BLE001 - nothing to drain when the front is gone
+        print(f"drain skipped ({_last_line(err)})", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,7 +368,14 @@ def add_triton_repo_parser(subparsers: Any) -> None:
         "triton-repo", help="write a Triton Inference Server model repository (Python backend)",
         description="Write a Triton model repository for supir-rt: OUT_DIR/supir/config.pbtxt and "
         "OUT_DIR/supir/1/model.py (Python backend wrapping Restorer). Serve it with "
-        "tritonserver --model-repository OUT_DIR. See docs/serving.md.")
+        "tritonserver --model-repository OUT_DIR. Weight paths are those of the Triton machine: without "
+        f"--sdxl/--supir/--weights-dir, placeholders under {REMOTE_WEIGHTS}. See docs/serving.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  supir-rt triton-repo models/                       weights expected under /weights on the server\n"
+        "  supir-rt triton-repo models/ --weights-dir /mnt/supir --gpus 0,1\n"
+        "  supir-rt triton-repo models/ --tiny-random         the tiny random model (outputs are NOT restorations)\n"
+        "  tritonserver --model-repository models/")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="repository folder (created; must be empty or new)")
     p.add_argument("--gpus", default=None,
                    help="comma-separated GPU ids for instance groups, one instance per GPU (default: one CPU instance)")
@@ -269,7 +385,7 @@ def add_triton_repo_parser(subparsers: Any) -> None:
     _add_runtime_flags(p)
     _add_limit_flags(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=run_triton_repo)
+    p.set_defaults(func=run_triton_repo, remote_paths=True)
 
 
 def run_triton_repo(args: argparse.Namespace) -> int:
@@ -294,7 +410,11 @@ def add_triton_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "triton", help="serve the model through PyTriton (the Triton server bundled in nvidia-pytriton)",
         description="Serve supir-rt through PyTriton (Triton HTTP on --http-port, gRPC on --grpc-port): model "
-        "'supir', inputs image (bytes) + settings (JSON bytes), output image (PNG bytes). See docs/serving.md.")
+        "'supir', inputs image (bytes) + settings (JSON bytes), output image (PNG bytes). See docs/serving.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  supir-rt triton --tiny-random                      try it without weights (outputs are NOT restorations)\n"
+        "  supir-rt triton --weights-dir ~/weights --host 0.0.0.0 --http-port 8000")
     p.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port (default 8000)")
     p.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port (default 8002)")
@@ -309,9 +429,10 @@ def add_triton_parser(subparsers: Any) -> None:
 
 def run_triton(args: argparse.Namespace) -> int:
     from supir_rt.errors import SetupError
-    from supir_rt.serve.triton import serve_pytriton
+    from supir_rt.serve.triton import serve_pytriton  # imports PyTriton only when serving
 
     try:
+        require_extra("triton", "pytriton.triton", "tritonclient.http")
         return serve_pytriton(runtime=_runtime(args), limits=_limits(args), host=args.host, http_port=args.http_port,
                               grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                               max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us)

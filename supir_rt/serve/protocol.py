@@ -6,7 +6,7 @@ with an HTTP status, the field at fault and one message saying how to fix it.
 
 Settings use the `RestoreConfig` field names, plus ``preset``. Their checks are derived from `RestoreConfig`
 itself: the known names are its fields, the accepted JSON types its annotations, the ranges its own
-validation (the field at fault is found by applying each setting alone).
+validation, applied to the request as a whole (`SettingError.field` names the field at fault).
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from supir_rt.errors import SettingError
 from supir_rt.images import METADATA_KEY, ImageError, LoadedImage, encode_metadata, from_pil
-from supir_rt.restore_config import RESTORE_PRESETS, RestoreConfig, normalise_color_fix, restore_preset
+from supir_rt.restore_config import (
+    RESTORE_PRESETS, RestoreConfig, normalise_color_fix, restore_preset, tiny_random_defaults,
+)
 
-# --tiny-random defaults that keep a CPU request short (as the CLI's); explicit settings win.
-TINY_DEFAULTS = {"num_steps": 4, "min_size": 256}
+# --tiny-random defaults that keep a CPU request short (as the CLI's, `tiny_random_defaults`); explicit settings win.
+TINY_DEFAULTS = tiny_random_defaults(RestoreConfig())
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,22 @@ class Limits:
 
     max_body_bytes: int = 32 * 1024 * 1024  # whole request body
     max_image_pixels: int = 16 * 1024 * 1024  # decoded input size (decompression-bomb guard)
-    max_processing_pixels: int = 4 * 1024 * 1024  # SDXL processing size (upscale × input, min_size)
+    max_processing_pixels: int | None = None  # SDXL processing size (upscale × input, min_size); None: by device
     max_steps: int = 200
     request_timeout_s: float = 600.0
+
+
+# The default processing-size limit of a replica, by where it runs: a GPU does 4 Mpx (2048²) in well
+# under the timeout; a CPU replica is for trying the plumbing, and 1 Mpx (1024², SUPIR's own size) there
+# already takes a long time with the real model.
+DEFAULT_PROCESSING_PIXELS = {"cuda": 4 * 1024 * 1024, "cpu": 1024 * 1024}
+
+
+def processing_pixels_limit(limits: Limits, device: str) -> int:
+    """``limits.max_processing_pixels``, or the default for ``device`` (cuda[:N] or cpu)."""
+    if limits.max_processing_pixels is not None:
+        return limits.max_processing_pixels
+    return DEFAULT_PROCESSING_PIXELS["cuda" if device.startswith("cuda") else "cpu"]
 
 
 class RequestError(ValueError):
@@ -118,16 +134,13 @@ def parse_settings(raw: str | bytes | Mapping[str, Any] | None, limits: Limits =
     values = {name: _check_type(name, value) for name, value in doc.items() if value is not None}
     base = restore_preset(preset)
     if tiny:
-        base = base.with_overrides(**{k: v for k, v in TINY_DEFAULTS.items() if k not in values})
-    for name, value in values.items():  # each setting alone, so that the error names its field
-        try:
-            base.with_overrides(**{name: value})
-        except (ValueError, TypeError) as err:
-            raise RequestError(422, name, str(err), "invalid_setting") from None
-    try:
+        base = base.with_overrides(**{k: v for k, v in tiny_random_defaults(base).items() if k not in values})
+    try:  # the request as a whole (tile_size 256 with tile_stride 128 is valid together, not one by one)
         config = base.with_overrides(**values)
+    except SettingError as err:
+        raise RequestError(422, err.field, str(err), "invalid_setting") from None
     except (ValueError, TypeError) as err:
-        raise RequestError(422, next(iter(values), "settings"), str(err), "invalid_setting") from None
+        raise RequestError(422, "settings", str(err), "invalid_setting") from None
     if config.num_steps > limits.max_steps:
         raise RequestError(422, "num_steps", f"num_steps={config.num_steps} is above this server's limit of "
                            f"{limits.max_steps}", "limit")
@@ -187,4 +200,4 @@ def png_metadata(data: bytes) -> dict[str, Any] | None:
     return json.loads(text) if text else None
 
 
-__all__ = ["Limits", "RequestError", "TINY_DEFAULTS", "decode_image", "encode_png", "parse_settings", "png_metadata"]
+__all__ = ["DEFAULT_PROCESSING_PIXELS", "Limits", "RequestError", "processing_pixels_limit", "TINY_DEFAULTS", "decode_image", "encode_png", "parse_settings", "png_metadata"]

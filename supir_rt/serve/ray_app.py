@@ -29,10 +29,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from supir_rt.serve.app_config import APP_NAME, AppConfig
+from supir_rt.serve.lifecycle import API_CPUS, replica_cpus
 from supir_rt.serve.protocol import Limits, RequestError, decode_image, parse_settings
 from supir_rt.serve.worker import Job, Outcome, RestoreWorker, RuntimeOptions
 
@@ -83,7 +85,11 @@ class RestorerDeployment:
         return outcomes
 
     async def restore(self, job: Job) -> Outcome:
-        return await self.restore_batch(job)
+        try:
+            return await self.restore_batch(job)
+        except asyncio.CancelledError:  # the client left or the API's timeout passed: stop at the next step
+            job.cancelled = True
+            raise
 
     async def caption(self, job: Job) -> str | RequestError:
         def run() -> str | RequestError:
@@ -113,6 +119,29 @@ def _error(err: RequestError, headers: Mapping[str, str] | None = None) -> JSONR
     return JSONResponse(err.as_json(), status_code=err.status, headers=dict(headers or {}))
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own answers (unknown route, wrong method) as the same JSON errors as ours."""
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    return _error(RequestError(exc.status_code, "route", f"{request.method} {request.url.path}: {exc.detail}; the "
+                               "routes are POST /v1/restore, POST /v1/caption, GET /v1/health, GET /v1/info", kind))
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("request failed", exc_info=exc)
+    return _error(RequestError(500, "server", f"internal error ({type(exc).__name__}); see the server log", "internal"))
+
+
+def _names_not_paths(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Deployment args for clients: the file and folder settings as names (a client has no use for, and
+    should not learn, the server's paths)."""
+    from pathlib import PurePath
+
+    paths = ("sdxl", "supir", "engines_dir", "llava_dir")
+    return {k: (PurePath(v).name if k in paths and v else v) for k, v in args.items()}
+
+
 @serve.deployment(name="SupirAPI", max_ongoing_requests=256)
 @serve.ingress(api)
 class ApiDeployment:
@@ -130,6 +159,19 @@ class ApiDeployment:
                                       tag_keys=("route", "kind"))
         self.requests = metrics.Counter("supir_requests_total", description="requests answered",
                                         tag_keys=("route", "status"))
+        self.ready = False  # a model replica has answered once
+        self.draining = False  # shutting down: new requests get 503, the ones in flight finish
+        self.in_flight = 0
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def drain(self) -> int:
+        """Stop taking requests (503 + Retry-After from now on); returns the requests still in flight."""
+        self.draining = True
+        return self.in_flight
+
+    def pending(self) -> int:
+        return self.in_flight
 
     # ---------------------------------------------------------------------------------------- routes
 
@@ -143,11 +185,15 @@ class ApiDeployment:
 
     @api.get("/v1/health")
     async def health(self) -> Response:
-        try:
-            await asyncio.wait_for(self.restorer.info.remote(), timeout=10)
+        retry = {"Retry-After": self._retry_after()}
+        if self.draining:
+            return JSONResponse({"status": "stopping"}, status_code=503, headers=retry)
+        try:  # answers within a second: a replica busy with a batch still answers info() from its own thread
+            await asyncio.wait_for(self.restorer.info.remote(), timeout=1 if not self.ready else 10)
         except Exception as err:  # noqa: BLE001 - any failure means not ready
-            return JSONResponse({"status": "loading", "detail": type(err).__name__}, status_code=503,
-                                headers={"Retry-After": str(int(self.config.retry_after_s))})
+            return JSONResponse({"status": "loading" if not self.ready else "unavailable",
+                                 "detail": type(err).__name__}, status_code=503, headers=retry)
+        self.ready = True
         return JSONResponse({"status": "ready"})
 
     @api.get("/v1/info")
@@ -159,19 +205,26 @@ class ApiDeployment:
         body = {
             "model": model, "versions": {"ray": ray.__version__, "torch": torch.__version__},
             "limits": dataclasses.asdict(self.limits),
-            "deployment": {k: v for k, v in self.config.as_args().items()
-                           if k not in {f.name for f in dataclasses.fields(Limits)}},
+            "deployment": _names_not_paths({k: v for k, v in self.config.as_args().items()
+                                            if k not in {f.name for f in dataclasses.fields(Limits)}}),
         }
         return JSONResponse(body)
 
     # ------------------------------------------------------------------------------------- internals
 
+    def _retry_after(self) -> str:
+        return str(max(1, int(round(self.config.retry_after_s))))
+
     async def _answer(self, route: str, request: Request, handler: Any) -> Response:
         start = time.perf_counter()
+        self.in_flight += 1
         try:
+            if self.draining:
+                raise RequestError(503, "server", "the server is shutting down; retry on another replica or after "
+                                   "the Retry-After delay", "stopping")
             response = await asyncio.wait_for(handler(request), timeout=self.limits.request_timeout_s)
         except RequestError as err:
-            response = _error(err, {"Retry-After": str(int(self.config.retry_after_s))} if err.status == 503 else None)
+            response = _error(err, {"Retry-After": self._retry_after()} if err.status == 503 else None)
             self.errors.inc(tags={"route": route, "kind": err.kind})
         except asyncio.TimeoutError:
             err = RequestError(504, "request_timeout_s", f"the request took longer than this server's limit of "
@@ -183,6 +236,8 @@ class ApiDeployment:
             err = RequestError(500, "server", f"internal error ({type(exc).__name__}); see the server log", "internal")
             response = _error(err)
             self.errors.inc(tags={"route": route, "kind": err.kind})
+        finally:
+            self.in_flight -= 1
         self.requests.inc(tags={"route": route, "status": str(response.status_code)})
         self.latency.observe(time.perf_counter() - start, tags={"route": route, "status": str(response.status_code)})
         return response
@@ -190,6 +245,10 @@ class ApiDeployment:
     async def _read_form(self, request: Request) -> tuple[Job, bool]:
         """The multipart body (size-capped while reading) -> a `Job`; True when JSON output is asked."""
         cap = self.limits.max_body_bytes
+        kind = request.headers.get("content-type", "")
+        if not kind.startswith("multipart/form-data"):
+            raise RequestError(400, "body", f"the body is {kind or 'without a Content-Type'}; send multipart/form-data "
+                               "with the image file in the field 'image' (curl -F image=@photo.png)", "bad_request")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
             raise RequestError(413, "body", f"the request body is {int(declared):,} bytes; this server accepts up "
@@ -229,7 +288,7 @@ class ApiDeployment:
         want_json = (request.query_params.get("format") == "json"
                      or "application/json" in request.headers.get("accept", ""))
         return Job(image=image, config=config, caption=caption if isinstance(caption, str) else None,
-                   name=upload.filename or None), want_json
+                   name=upload.filename or None, deadline=time.time() + self.limits.request_timeout_s), want_json
 
     async def _call(self, method: str, job: Job) -> Any:
         """The model call; back-pressure -> 503 + Retry-After, a dead replica -> one retry, then 503."""
@@ -284,11 +343,21 @@ def _gpus(config: AppConfig) -> float:
     return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def _cpus(config: AppConfig, gpus: float) -> float:
+    """`replica_cpus` for the Ray instance this process is connected to."""
+    import ray
+
+    cluster = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
+    replicas = config.min_replicas if config.min_replicas is not None else config.replicas
+    return replica_cpus(config.cpus_per_replica, replicas=replicas, cluster_cpus=cluster, gpus_per_replica=gpus)
+
+
 def build_app(args: Mapping[str, Any] | None = None) -> Any:
     """The Ray Serve application for ``args`` (see `AppConfig`); ``serve.run(build_app({...}))``."""
     config = AppConfig.from_args(dict(args or {}))
+    gpus = _gpus(config)
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": config.cpus_per_replica, "num_gpus": _gpus(config)},
+        "ray_actor_options": {"num_cpus": _cpus(config, gpus), "num_gpus": gpus},
         "max_ongoing_requests": config.max_ongoing_requests,
         "max_queued_requests": config.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": config.retry_after_s},
@@ -303,7 +372,7 @@ def build_app(args: Mapping[str, Any] | None = None) -> Any:
         config.batch_wait_s)
     api_queue = 4 * (config.max_replicas or config.replicas) * (config.max_ongoing_requests + config.max_queued_requests)
     return ApiDeployment.options(
-        ray_actor_options={"num_cpus": 0.1}, max_queued_requests=api_queue,
+        ray_actor_options={"num_cpus": API_CPUS}, max_queued_requests=api_queue,
         backpressure_config={"status_code": 503, "retry_after_s": config.retry_after_s},
     ).bind(model, config.as_args())
 

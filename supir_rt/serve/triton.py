@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from supir_rt.serve.protocol import Limits, RequestError, decode_image, parse_settings
-from supir_rt.serve.worker import Job, RestoreWorker, RuntimeOptions
+from supir_rt.serve.worker import Job, Outcome, RestoreWorker, RuntimeOptions, as_request_error
 
 MODEL_NAME = "supir"
 INPUTS = ("image", "settings")
@@ -59,9 +59,13 @@ class TritonModel:
                 config = parse_settings(settings or None, self.limits, tiny=self.worker.options.tiny_random)
                 jobs.append(Job(image=decode_image(image, self.limits), config=config))
                 where.append(i)
-            except RequestError as err:
-                answers[i] = (b"", _error_json(err))
-        for i, outcome in zip(where, self.worker.run(jobs)):
+            except Exception as err:  # noqa: BLE001 - this request alone fails, as JSON
+                answers[i] = (b"", _error_json(as_request_error(err)))
+        try:
+            outcomes = self.worker.run(jobs)
+        except Exception as err:  # noqa: BLE001 - never a traceback to a client (run isolates requests itself)
+            outcomes = [Outcome(error=as_request_error(err)) for _ in jobs]
+        for i, outcome in zip(where, outcomes):
             answers[i] = (outcome.png or b"", b"" if outcome.error is None else _error_json(outcome.error))
         return [a if a is not None else (b"", b"") for a in answers]
 
@@ -112,8 +116,14 @@ class TritonPythonModel:
 
     def execute(self, requests):
         pairs = [(_bytes(r, "image"), _bytes(r, "settings")) for r in requests]
+        try:
+            answers = self.model.infer(pairs)
+        except Exception as err:  # never a traceback to a client; TritonModel.infer isolates requests itself
+            message = {"error": {"kind": "internal", "field": "server", "status": 500,
+                                 "message": "internal error (" + type(err).__name__ + "); see the server log"}}
+            answers = [(b"", json.dumps(message).encode("utf-8"))] * len(pairs)
         responses = []
-        for png, error in self.model.infer(pairs):
+        for png, error in answers:
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("image", np.array([[png]], dtype=np.object_)),
                 pb_utils.Tensor("error", np.array([[error]], dtype=np.object_)),

@@ -129,7 +129,8 @@ class TilingPlan:
         budget = f"budget {self.budget_bytes / GiB:.1f} GiB"
         if self.sampler_tiled:
             th, tw = self.tile
-            sampler = (f"sampler tiled ({self.tiles} tiles of {tw * LATENT_FACTOR}x{th * LATENT_FACTOR} px, stride "
+            count = f"{self.tiles} tile{'s' if self.tiles != 1 else ''}"
+            sampler = (f"sampler tiled ({count} of {tw * LATENT_FACTOR}x{th * LATENT_FACTOR} px, stride "
                        f"{self.stride * LATENT_FACTOR} px, {self.tile_batch} per call)")
         else:
             sampler = "sampler untiled"
@@ -138,13 +139,14 @@ class TilingPlan:
         return f"{sampler}, {vae}; {budget}"
 
     def as_metadata(self) -> dict[str, object]:
+        """The decisions that shape the pixels. Not the budget nor the tiles kept between passes: they follow
+        the free memory of the moment, change only the speed, and would make identical requests give
+        different files (the log shows them, `describe`)."""
         return {"sampler_tiled": self.sampler_tiled, "vae_tiled": self.vae_tiled,
                 "sampler_tile_px": [self.tile[1] * LATENT_FACTOR, self.tile[0] * LATENT_FACTOR] if self.sampler_tiled else None,
                 "sampler_stride_px": self.stride * LATENT_FACTOR if self.sampler_tiled else None,
                 "sampler_tiles": self.tiles if self.sampler_tiled else None,
-                "vae_tiling": self.vae_tiling if self.vae_tiled else None,
-                "vae_tiles_kept": self.vae_keep if self.vae_tiled else None,
-                "budget_gib": round(self.budget_bytes / GiB, 2)}
+                "vae_tiling": self.vae_tiling if self.vae_tiled else None}
 
 
 class TilingError(UserError):
@@ -201,9 +203,7 @@ def plan_tiling(
     if vae_tiling_mode == "none":
         vae_tiled = False
     if sampler_tiled and tile_size > min(width, height):
-        if default_tile_size is not None and tile_size == default_tile_size:
-            notes.append(f"the default sampler tile ({tile_size} px) is clamped to the {width}x{height} px image")
-        else:
+        if default_tile_size is None or tile_size != default_tile_size:  # the default is clamped (one note, below)
             raise TilingError(
                 f"--tile-size {tile_size} is larger than the {width}x{height} px processing size; use at most "
                 f"{min(width, height) // 64 * 64} (a multiple of 64), or --tiling off")

@@ -55,6 +55,7 @@ class RunOutput:
     png: Path  # the restored PNG with its settings in the metadata
     seed: int
     status: str
+    stage1: Image.Image | None = None  # the stage-1 image of this restore, for the Stage 1 panel
 
 
 @dataclass(frozen=True)
@@ -304,14 +305,16 @@ class RestoreUI:
             except (ImageError, NonFiniteOutputError) as err:
                 raise UIError(_upload_message(str(err), path)) from None
             seconds = time.perf_counter() - start
-            report(0.97, "saving the PNG")
+            report(0.96, "stage 1 image for its panel")
+            stage1 = self.restorer.stage1_image(loaded, config)  # encoder + decoder once more: small beside sampling
+            report(0.98, "saving the PNG")
             png = self._save(restored, loaded, Path(path).stem)
         after = restored.image.convert("RGB")
         before = loaded.rgb.resize(after.size, Image.Resampling.BICUBIC)
         w, h = after.size
         status = (f"Done in {seconds:.1f} s: {w}×{h} px, seed {restored.result.seed}, {config.num_steps} steps. "
                   "The PNG below holds the settings (drop it on “Reproduce” to read them back).")
-        return RunOutput(before=before, after=after, png=png, seed=restored.result.seed, status=status)
+        return RunOutput(before=before, after=after, png=png, seed=restored.result.seed, status=status, stage1=stage1)
 
     def cancel(self, session: str = "", ticket: int = 0) -> str:
         """Cancel the session's jobs submitted with a ticket up to ``ticket``: a waiting job is dropped when

@@ -62,8 +62,8 @@ def check_ui_args(args: argparse.Namespace) -> None:
         raise SetupError("--captioner llava needs --llava-dir DIR (the exported LLaVA folder)")
     try:
         import gradio  # noqa: F401
-    except ImportError:
-        raise SetupError("the UI needs Gradio: pip install 'supir-rt[ui]'") from None
+    except ImportError as err:  # gradio itself, or a broken dependency of it (say pandas after a numpy change)
+        raise SetupError(f"the UI needs the ui extra: pip install 'supir-rt[ui]' (importing gradio failed: {err})") from None
     check_address(args.host, args.port)
 
 

@@ -231,17 +231,18 @@ def build_app(ui: RestoreUI, *, title: str = "supir-rt") -> gr.Blocks:
         ticket = gr.State(0)  # the session's cancel counter, sent with each job when it is submitted
 
         def on_run(data: dict[Any, Any], request: gr.Request, progress: gr.Progress = gr.Progress()
-                   ) -> tuple[Any, Any, str]:
+                   ) -> tuple[Any, Any, Any, str]:
             try:
                 out = ui.restore(upload_path(data[photo]), data[caption], knob_values(data),
                                  session=session_of(request), ticket=data[ticket],
                                  report=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
-                return gr.update(), gr.update(), "Cancelled."
-            return (out.before, out.after), str(out.png), out.status
+                return gr.update(), gr.update(), gr.update(), "Cancelled."
+            return (out.before, out.after), str(out.png), out.stage1, out.status
 
-        run_btn.click(guarded(on_run, lambda m: (gr.update(), gr.update(), status_text(m, True))),
-                      inputs={photo, caption, ticket, *knob_list}, outputs=[compare, download, status], **model_job)
+        run_btn.click(guarded(on_run, lambda m: (gr.update(), gr.update(), gr.update(), status_text(m, True))),
+                      inputs={photo, caption, ticket, *knob_list}, outputs=[compare, download, stage1_img, status],
+                      **model_job)
 
         def on_cancel(current: int, request: gr.Request) -> tuple[str, int]:
             return ui.cancel(session_of(request), current), current + 1

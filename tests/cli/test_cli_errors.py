@@ -49,8 +49,8 @@ def one_error_line(err: str) -> str:
 
 @pytest.mark.parametrize("flags, expect", [
     (["--steps", "0"], "error: --steps 0: use an integer number of steps in 1..1000"),
-    (["--upscale", "-1"], "error: --upscale -1.0: must be > 0"),
-    (["--s-noise", "-0.5"], "error: --s-noise -0.5: must be >= 0"),
+    (["--upscale", "-1"], "error: --upscale -1.0: use a finite number above 0 to 32"),
+    (["--s-noise", "-0.5"], "error: --s-noise -0.5: use a finite number from 0 to 10"),
     (["--seed", "-7"], "error: --seed -7: use a non-negative integer"),
     (["--noise-device", "nonsense"], "error: --noise-device 'nonsense': not a device name"),
 ])

@@ -79,6 +79,11 @@ def start_server(flags: list[str], tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     with start_server(SERVE_FLAGS, tmp_path_factory) as base:
+        # /v1/health is ready with the first replica; the capacity tests need both
+        deadline = time.monotonic() + 120
+        while len({requests.get(f"{base}/v1/info", timeout=30).json()["model"]["pid"] for _ in range(6)}) < 2:
+            assert time.monotonic() < deadline, "the second replica did not come up"
+            time.sleep(1)
         yield base
 
 
@@ -169,14 +174,54 @@ def test_bad_requests_get_4xx_json_naming_the_field(url, reference_restorer):
         (lambda: post(url, good, {"preset": "best"}), 422, "preset"),
         (lambda: post(url, good, {"num_steps": 5000}), 422, "num_steps"),
         (lambda: post(url, good, "{not json"), 400, "settings"),
-        (lambda: post(url, good, {**FAST, "upscale": 100.0}), 413, "upscale"),
+        (lambda: post(url, good, {**FAST, "upscale": 20.0}), 413, "upscale"),  # 960x800 px > the 300k limit
+        (lambda: post(url, good, {**FAST, "upscale": 100.0}), 422, "upscale"),  # above 32: no run could finish
         (lambda: post(url, b"\0" * (MAX_BODY + 1024)), 413, "body"),
-        (lambda: requests.post(f"{url}/v1/restore", data={"settings": "{}"}, timeout=60), 400, "image"),
+        # not multipart: the body is at fault (as documented), not a missing image
+        (lambda: requests.post(f"{url}/v1/restore", data={"settings": "{}"}, timeout=60), 400, "body"),
+        (lambda: requests.post(f"{url}/v1/restore", json={"image": "x"}, timeout=60), 400, "body"),
+        (lambda: requests.post(f"{url}/v1/restore", files={"settings": (None, "{}")}, timeout=60), 400, "image"),
         (lambda: requests.post(f"{url}/v1/caption", files={"image": ("a.png", good)}, timeout=60), 501, "captioner"),
     ]
     for send, status, field in cases:
         error_of(send(), status, field)
     assert_serving(url, reference_restorer)
+
+
+def no_leak(response) -> None:
+    assert "Traceback" not in response.text and "site-packages" not in response.text and str(ROOT) not in response.text
+
+
+def test_one_bad_request_does_not_fail_its_batch(url, reference_restorer):
+    """3 good requests and one with a setting no run can finish, sent at once: the good ones 200, the bad
+    one a 422 JSON naming the field; no body holds a traceback or a path. (Before, upscale 1e308 passed the
+    checks, failed inside the replica's batch and took 1-2 of its neighbours down with 500s.)"""
+    jobs = [({**FAST, "seed": 60 + i}, png_bytes(i)) for i in range(3)]
+    jobs.insert(1, ({**FAST, "upscale": 1e308}, png_bytes(9)))
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda job: post(url, job[1], job[0]), jobs))
+    for (settings, image), r in zip(jobs, responses):
+        no_leak(r)
+        if "upscale" in settings:
+            error_of(r, 422, "upscale")
+        else:
+            assert r.status_code == 200, r.text
+            assert_same_image(decode_png(r.content), expected(reference_restorer, image, seed=settings["seed"]))
+
+
+def test_identical_requests_give_identical_bytes(url):
+    """The PNG (pixels and metadata) depends on the request only: the metadata stores decisions, not
+    measurements such as the free memory, and names, not server paths."""
+    image = png_bytes(11)
+    first, second = (post(url, image, {**FAST, "seed": 5}) for _ in range(2))
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content
+    meta = png_metadata(first.content)
+    assert "budget_gib" not in json.dumps(meta) and str(ROOT) not in json.dumps(meta)
+    info = requests.get(f"{url}/v1/info", timeout=30)
+    assert "/" not in json.dumps(info.json()["deployment"]), info.text
+    missing = requests.get(f"{url}/v2/nothing", timeout=30)  # FastAPI's own errors are JSON too
+    error_of(missing, 404, "route")
 
 
 def test_full_queue_answers_503_with_retry_after(url, reference_restorer):

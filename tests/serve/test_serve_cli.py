@@ -43,7 +43,30 @@ def test_print_config_takes_the_workers_weight_paths_as_given(capsys, tmp_path, 
     assert main(["serve", "--print-config", "--weights-dir", "/weights"]) == 0
     args = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]
     assert (args["sdxl"], args["supir"]) == ("/weights/sd_xl_base_1.0_0.9vae.safetensors", "/weights/SUPIR-v0Q.ckpt")
-    assert main(["serve", "--print-config"]) == 2
-    assert "--print-config needs the workers' weight paths" in capsys.readouterr().err
+    # without any weight flag (the README's command): placeholders under /weights, said in the header
+    assert main(["serve", "--autoscale", "1:8", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    args = yaml.safe_load(out)["applications"][0]["args"]
+    assert (args["sdxl"], args["supir"]) == ("/weights/sd_xl_base_1.0_0.9vae.safetensors", "/weights/SUPIR-v0Q.ckpt")
+    assert "mount them there or edit the paths" in out
     assert main(["serve", "--port", "1"]) == 2  # serving here needs the weights here
-    assert "weights are missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "weights are missing" in err and "supir-rt serve --tiny-random" in err  # the command that was run
+    assert "supir-rt restore" not in err
+
+
+def test_triton_repo_without_weights_writes_placeholders(tmp_path, monkeypatch, capsys):
+    """`supir-rt triton-repo models/` as the README shows it: the repository is for a Triton server
+    elsewhere, so its weight paths are placeholders, as for --print-config."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no weights on this machine
+    assert main(["triton-repo", str(tmp_path / "models")]) == 0
+    config = (tmp_path / "models" / "supir" / "config.pbtxt").read_text()
+    assert "/weights/sd_xl_base_1.0_0.9vae.safetensors" in config and "/weights/SUPIR-v0Q.ckpt" in config
+
+
+@pytest.mark.parametrize("command", ["serve", "triton-repo", "triton", "caption"])
+def test_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"supir-rt {command} " in out.split("examples:", 1)[1]

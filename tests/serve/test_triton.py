@@ -109,6 +109,18 @@ def exercise(client, restorer, metrics_port: int) -> None:
                                    (b"not an image", {}, "image"), (png_bytes(0), "{oops", "settings")]:
         png, error = answer(client.infer("supir", infer_inputs(image, settings)))
         assert png == b"" and error["error"]["field"] == field and error["error"]["status"] in (400, 413, 422), error
+    # one bad request among good ones sent at once (dynamic batching may put them in one execute call):
+    # the good ones answered, the bad one a JSON error naming the field, no traceback anywhere
+    settings = [{**FAST, "seed": 70}, {**FAST, "upscale": 1e308}, {**FAST, "seed": 71}, {**FAST, "seed": 72}]
+    pending = [client.async_infer("supir", infer_inputs(png_bytes(i), s)) for i, s in enumerate(settings)]
+    for i, (s, request) in enumerate(zip(settings, pending)):
+        png, error = answer(request.get_result(timeout=300))
+        assert "Traceback" not in json.dumps(error) and "site-packages" not in json.dumps(error), error
+        if "upscale" in s:
+            assert png == b"" and error["error"]["status"] == 422 and error["error"]["field"] == "upscale", error
+        else:
+            assert error is None, error
+            assert_same_image(decode_png(png), expected(restorer, png_bytes(i), seed=s["seed"]))
     png, error = answer(client.infer("supir", infer_inputs(png_bytes(3), {**FAST, "seed": 3})))
     assert error is None  # still serving
 

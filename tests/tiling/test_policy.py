@@ -44,6 +44,15 @@ def test_auto_tiles_only_what_does_not_fit():
     assert "sampler tiled (35 tiles of 1024x1024 px" in both.describe()
 
 
+def test_tiling_on_a_small_image_says_the_clamp_once():
+    """--tiling on at 256x256: the default 1024 px tile is clamped, said in one note, and one tile is
+    "1 tile" (before: two notes saying the same, and "1 tiles")."""
+    small = _plan(processing=(256, 256), dtype="fp32", tiling="on", max_memory_gb=1000)
+    assert small.sampler_tiled and small.tiles == 1
+    assert len([n for n in small.notes if "clamped" in n]) == 1, small.notes
+    assert "sampler tiled (1 tile of 256x256 px" in small.describe()
+
+
 def test_on_off_and_vae_none():
     assert not _plan(tiling="off", max_memory_gb=0.001).sampler_tiled
     on = _plan(tiling="on", vae_tiling="none")

@@ -218,6 +218,8 @@ def test_upload_restore_one_step_and_download_the_png(browser, server, tmp_path)
 
     compare = browser.find_elements(By.CSS_SELECTOR, "#compare img")
     assert len(compare) >= 2, "the before/after slider shows both images"
+    # the restore filled the Stage 1 panel too (before, it stayed empty until the Stage 1 button)
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#stage1 img"))
 
     # Reproduce: change the knobs, drop the downloaded PNG, the knobs come back
     set_number(browser, "num_steps", 5)

@@ -225,6 +225,7 @@ def test_restore_reports_progress_and_writes_a_png_with_its_settings(ui, tmp_pat
     assert (settings["num_steps"], settings["seed"], settings["cfg_scale"], settings["upscale"],
             settings["color_fix_type"], settings["min_size"]) == (3, 5, 6.5, 1.5, "adain", 64)
     assert "seed 5" in out.status and "150×105" in out.status
+    assert out.stage1 is not None and out.stage1.size == (150, 105)  # for the Stage 1 panel
 
 
 def test_reproduce_reads_the_settings_back_and_gives_the_same_image(ui, tmp_path):
