@@ -6,41 +6,57 @@
 #
 #   bash benchmarks/gpu_check.sh              # results and table.md under $OUT (if set) or benchmarks/results/
 #   bash benchmarks/gpu_check.sh --dry-run    # tiny model on the CPU: checks the script end to end (a test runs it)
+#   bash benchmarks/gpu_check.sh --fake-cuda  # tiny model on the fake CUDA device (CUDA build of torch, no GPU):
+#                                             # every CUDA path of every phase runs; "fake" in place of times
 #   BUDGET_S=900 bash benchmarks/gpu_check.sh
 #
 # Phases (benchmarks/cuda_check.py), each under `timeout` with a cap; time a phase does not use goes
 # to the next ones; a phase cut short keeps the rows it finished (its JSON is rewritten per row):
 #   step              one CFG step at 1024² (the CFG pair through unet_adaptor + the denoiser arithmetic),
-#                     eager fp16, channels-last and contiguous                          (cap  60 s)
-#   compiled          the same, torch.compile (inductor), then + CUDA graphs            (cap 230 s)
-#   vae               VAE encoder / decoder at 1024², bf16 and fp32                     (cap  50 s)
-#   restore           a 50-step 1024² restore, eager fp16, VAE and text encoders offloaded (cap 90 s)
+#                     eager fp16, channels-last and contiguous                          (cap  45 s)
+#   compiled          the same, torch.compile (inductor): the first call (a cold compile of the 3.9 B UNet,
+#                     minutes) is a row of its own, written as soon as it returns; then timed, then + CUDA
+#                     graphs                                                            (cap 300 s)
+#   vae               VAE encoder / decoder at 1024², bf16 and fp32                     (cap  40 s)
+#   restore           a 50-step 1024² restore, eager fp16, VAE and text encoders offloaded (cap 75 s)
 #   restore-compiled  the same with compile + CUDA graphs, if time is left              (rest)
+# Before the phases it says whether inductor can compile here (a C compiler and Python.h are needed at
+# run time; without them the compiled rows say "compile FAILED, eager fallback").
 set -u
 cd "$(dirname "$0")/.."
 
 DRY=()
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=(--dry-run); fi
+if [[ "${1:-}" == "--fake-cuda" ]]; then  # every operation goes through Python there: roomier caps
+    DRY=(--fake-cuda); BUDGET_S=${BUDGET_S:-3600}; CAP_SCALE=${CAP_SCALE:-8}
+fi
 BUDGET_S=${BUDGET_S:-470}
+CAP_SCALE=${CAP_SCALE:-1}
 START=$(date +%s)
-RES=${OUT:-benchmarks/results}/gpu-$(date -u +%Y%m%dT%H%M%SZ)${DRY:+-dry-run}
+RES=${OUT:-benchmarks/results}/gpu-$(date -u +%Y%m%dT%H%M%SZ)${DRY:+${DRY[0]/--/-}}
 mkdir -p "$RES"
+if [[ "${DRY[*]:-}" == "--fake-cuda" && -z "${PYTHON:-}" ]]; then
+    PYTHON=$(bash .ci/fake_cuda_env.sh) || exit 2  # the CUDA build of torch, cached
+fi
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WHEELS=${WHEELS:-.whl}  # pure-Python dependencies the GPU image may lack, brought along as wheels
 
-missing_packages() {  # supir-rt's import-time dependencies that this Python cannot import
+missing_packages() {  # what benchmarks/cuda_check.py's phases import (restore: the tokenizer's too) and this Python lacks
     $PY -c '
 import importlib.util
-need = {"torch": "torch", "numpy": "numpy", "PIL": "pillow", "safetensors": "safetensors", "tokenizers": "tokenizers",
-        "ftfy": "ftfy", "wcwidth": "wcwidth", "regex": "regex", "yaml": "pyyaml", "tqdm": "tqdm"}
+need = {"torch": "torch", "numpy": "numpy", "PIL": "pillow", "tokenizers": "tokenizers", "ftfy": "ftfy",
+        "wcwidth": "wcwidth", "tqdm": "tqdm"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))'
 }
 missing=$(missing_packages)
-if [[ -n "$missing" ]] && compgen -G "$WHEELS/*.whl" > /dev/null; then
-    echo "== installing $missing from $WHEELS/ (offline)"
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/supir-rt-site \
-        "$WHEELS"/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/supir-rt-site"
+if [[ -n "$missing" && -d "$WHEELS" ]]; then
+    echo "== installing $missing from $WHEELS/ (offline, one package at a time with its dependencies from there)"
+    for pkg in $missing; do
+        $PY -m pip install -q --no-index --find-links "$WHEELS" --no-compile --no-cache-dir --target /tmp/supir-rt-site \
+            "$pkg" || echo "   $pkg: not installable from $WHEELS/"
+    done
+    export PYTHONPATH="$PYTHONPATH:/tmp/supir-rt-site"
     missing=$(missing_packages)
 fi
 if [[ -n "$missing" ]]; then
@@ -53,6 +69,19 @@ fi
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 
 echo "== gpu_check: results in $RES, budget ${BUDGET_S} s ${DRY[*]:-}"
+# inductor / Triton compile C at run time: without a compiler or Python.h the compiled rows fall back to eager
+CC_FOUND=$(command -v "${CC:-cc}" || command -v gcc || command -v clang || true)
+PYH=$($PY -c 'import os, sysconfig; p = os.path.join(sysconfig.get_paths()["include"], "Python.h"); print(p if os.path.exists(p) else "")')
+TRITON=$($PY -c 'import importlib.util; print("yes" if importlib.util.find_spec("triton") else "")')
+lack=""
+[[ -z "$CC_FOUND" ]] && lack+=" no C compiler (cc/gcc/clang);"
+[[ -z "$PYH" ]] && lack+=" no Python.h (the python3-dev package);"
+[[ -z "$TRITON" ]] && lack+=" no triton;"
+if [[ -n "$lack" ]]; then
+    echo "== note: torch.compile (inductor) cannot build kernels here:$lack the compiled rows will run eager (marked)"
+else
+    echo "== inductor prerequisites: C compiler $CC_FOUND, $PYH, triton"
+fi
 if (( ${#DRY[@]} == 0 )); then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
     if ! $PY -c 'import sys, torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU: {torch.cuda.is_available()}"); sys.exit(0 if torch.cuda.is_available() else 1)'; then
@@ -62,7 +91,7 @@ if (( ${#DRY[@]} == 0 )); then
 fi
 
 phase() {  # phase NAME CAP_SECONDS
-    local name=$1 cap=$2 t
+    local name=$1 cap=$(( $2 * CAP_SCALE )) t
     t=$(( $(left) - 10 ))  # keep 10 s for the table
     (( t > cap )) && t=$cap
     if (( t < 25 )); then echo "== $name: skipped, budget spent"; return; fi
@@ -77,10 +106,10 @@ phase() {  # phase NAME CAP_SECONDS
     return 0
 }
 
-phase step 60
-phase compiled 230
-phase vae 50
-phase restore 90
+phase step 45
+phase compiled 300
+phase vae 40
+phase restore 75
 phase restore-compiled 600
 
 echo "== total $(( $(date +%s) - START )) s"

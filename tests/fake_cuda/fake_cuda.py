@@ -302,6 +302,11 @@ class _FunctionMode(TorchFunctionMode):
             return args[0].cpu().tolist() if func is torch.Tensor.tolist else _HOST_VALUES[func](args[0].item())
         if func is torch.Tensor.__invert__ and isinstance(args[0], FakeCudaTensor):  # PyTorch selects the device
             return torch.bitwise_not(args[0])
+        if getattr(func, "__name__", "").endswith("_like") and args and isinstance(args[0], FakeCudaTensor) \
+                and kwargs.get("device") is None:  # PyTorch would select the input's device in the driver
+            return FakeCudaTensor(func(args[0].elem, *args[1:], **kwargs), args[0].device)
+        if func is torch.Tensor.copy_ and isinstance(args[1], torch.Tensor) and args[0].device != args[1].device:
+            return self._copy(*args, **kwargs)  # across devices PyTorch would select a device in the driver
         if func in _INDEXING and isinstance(args[0], FakeCudaTensor):
             return self._index(func, *args)
         args = tuple(_cuda0(a) for a in args)
@@ -318,6 +323,16 @@ class _FunctionMode(TorchFunctionMode):
             out = func(*args, **{**kwargs, "device": torch.device("cpu")})
             return tree_map(lambda t: FakeCudaTensor(t, device) if type(t) is torch.Tensor else t, out)
         return func(*args, **kwargs)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False):
+        if isinstance(src, FakeCudaTensor) and not isinstance(dst, FakeCudaTensor):
+            self.fake.host_read("copy to the host", src)
+        if isinstance(dst, FakeCudaTensor) and not isinstance(src, FakeCudaTensor):
+            self.fake.copies_to_device.append((self.fake.is_pinned(src), non_blocking, src.numel() * src.element_size()))
+        if isinstance(dst, FakeCudaTensor) and isinstance(src, FakeCudaTensor):
+            self.fake.check_index(dst.device)
+        (dst.elem if isinstance(dst, FakeCudaTensor) else dst).copy_(src.elem if isinstance(src, FakeCudaTensor) else src)
+        return dst
 
     def _index(self, func, t: FakeCudaTensor, index, *value):
         """``t[index]`` / ``t[index] = value`` (PyTorch's indexing would select the device in the driver): on
@@ -344,8 +359,8 @@ class _FunctionMode(TorchFunctionMode):
         self.fake.compute("scaled_dot_product_attention", tensors, kernel=_sdpa_kernel(q, k, v, attn_mask))
         device = q.device
         plain = [t.elem if isinstance(t, FakeCudaTensor) else t for t in (q, k, v, attn_mask)]
-        out = F.scaled_dot_product_attention(plain[0], plain[1], plain[2], attn_mask=plain[3], dropout_p=dropout_p,
-                                             is_causal=is_causal, scale=scale, **rest)
+        out = _in_fp32(F.scaled_dot_product_attention, plain[:3], dict(
+            attn_mask=plain[3], dropout_p=dropout_p, is_causal=is_causal, scale=scale, **rest))
         return FakeCudaTensor(out, device) if device.type == "cuda" else out
 
 
@@ -409,7 +424,9 @@ class _DispatchMode(TorchDispatchMode):
                                           args[0].numel() * args[0].element_size()))
         if func in COMPUTE_OPS:
             fake.compute(func.__name__, [t for t in inputs if t.dim() > 0])
-        out = func(*plain_args, **plain_kwargs)
+            out = _in_fp32(func, plain_args, plain_kwargs)
+        else:
+            out = func(*plain_args, **plain_kwargs)
         if out_device.type != "cuda":
             return out
         return tree_map(lambda t: FakeCudaTensor(t, out_device) if isinstance(t, torch.Tensor) else t, out)
@@ -426,6 +443,17 @@ class _DispatchMode(TorchDispatchMode):
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                f"{found[0]} and {found[-1]}! ({func} at {_caller()})")
         return next(iter(cuda))
+
+
+def _in_fp32(func, args, kwargs):
+    """A matmul / convolution / attention on fp16 or bf16 values computed in fp32 and rounded once to the
+    input dtype, as CUDA's kernels accumulate (and 10-100x faster than the CPU's half-precision kernels)."""
+    dtype = next((t.dtype for t in args if isinstance(t, torch.Tensor)), None)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return func(*args, **kwargs)
+    up = lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == dtype else t  # noqa: E731
+    return tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                    func(*tree_map(up, list(args)), **tree_map(up, kwargs)))
 
 
 @contextlib.contextmanager

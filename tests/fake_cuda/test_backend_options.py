@@ -42,6 +42,7 @@ def test_cuda_graph_replay_through_the_engine(fake):
     from supir_rt.config import ModelConfig
     from supir_rt.model.supir import build_model
 
+    fake.watch_loop = False  # single engine calls whose outputs the test reads back, not a sampler loop
     config = ModelConfig.tiny()
     torch.manual_seed(0)
     plan = MemoryPlan.for_device("cuda")
@@ -52,7 +53,6 @@ def test_cuda_graph_replay_through_the_engine(fake):
     for seed in range(4):
         feed = spec.sample_inputs({"B": 1, "h": 8, "w": 8}, generator=torch.Generator().manual_seed(seed))
         outs.append((engine.infer(feed)["eps"].cpu(), engine.module(*engine.conform_inputs(feed).values())[0].cpu()))
-    fake.in_sampler_loop = False
     assert fake.captures == 1 and engine.graphs.replays == 2 and not engine.graphs.failed
     for got, eager in outs:
         assert torch.equal(got, eager)  # each replay computed its own inputs, not the captured ones
@@ -62,8 +62,8 @@ def test_fp8_scales_are_applied_in_fp32(fake):
     """Defect 8: the per-channel scales (max |w| / 448) were cast to the activation dtype before use; a
     layer of small weights (max 1e-3, scale 2.2e-6) has fp16-subnormal scales that keep a few bits, and
     the dequantised weights were off by up to ~1 % (checked by hand: with ``weight_scale.to(dtype)``
-    back, this test fails at a relative error of 1.2e-2). Expected: the e4m3 values times the fp32
-    scale, rounded once to fp16."""
+    back, this test fails, the weights differ). Expected: the e4m3 values times the fp32 scale, rounded
+    once to fp16."""
     from supir_rt.backends.fp8 import Fp8Linear
 
     torch.manual_seed(0)
@@ -73,8 +73,5 @@ def test_fp8_scales_are_applied_in_fp32(fake):
     layer = Fp8Linear(linear).to("cuda")
     expected = (layer.weight_fp8.cpu().float() * layer.weight_scale.cpu()).half()
     got = layer.dequantized(torch.float16).cpu()
-    assert got.device.type == "cpu" and torch.equal(got, expected)
-    x = torch.randn(4, 64, dtype=torch.float16, device="cuda")
-    y = layer(x)
-    assert y.device == torch.device("cuda:0") and y.dtype == torch.float16
-    assert [r.dtypes for r in fake.cuda_records("addmm")] == [("float16",) * 3]
+    assert torch.equal(got, expected)
+    assert layer.weight_fp8.device == torch.device("cuda:0")  # the layer's own forward is traced by test_restore

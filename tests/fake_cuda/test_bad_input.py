@@ -48,6 +48,6 @@ def test_cli_names_the_missing_gpu(fake, capsys, tmp_path):
     src = tmp_path / "in.png"
     Image.new("RGB", (64, 64)).save(src)
     code = main(["restore", str(src), "-o", str(tmp_path / "out.png"), "--tiny-random", "--device", "cuda:2"])
-    err = capsys.readouterr().err.strip()
-    assert code != 0 and "cuda:2" in err and len(err.splitlines()) == 1, err
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code != 0 and len(errors) == 1 and "cuda:2" in errors[0] and "1 CUDA GPU" in errors[0], errors
     assert not (tmp_path / "out.png").exists()

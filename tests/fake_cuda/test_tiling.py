@@ -48,7 +48,8 @@ def test_tiled_vae_with_offloading_runs_on_the_gpu(fake, mode):
     """Defect 2: `TiledVAEEngine` took its device from the VAE's parameters, which with offloading are the
     host copies: the tiled VAE ran on the CPU in bf16 and the sampler then ran on the CPU with a GPU->CPU
     copy of eps per step (checked by hand: with the device taken from ``next(vae.parameters())`` again
-    and no offloader, this test fails on the VAE convolutions computed on the host)."""
+    and no offloader, this test fails in the tiled encoder with "Expected all tensors to be on the same
+    device, ... cpu and cuda:0")."""
     out = restore(fake, RestoreConfig(tiling="on", tile_size=128, tile_stride=64, vae_tiling=mode,
                                       vae_tile_size=64, **SMALL), offload=True)
     on_gpu(fake)
