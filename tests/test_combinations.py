@@ -9,9 +9,11 @@ a callback, fails here.
 
 Each step callback also checks that the sampler runs under ``no_grad`` and not ``inference_mode``: the
 torch engine recognises unchanged conditioning by its version counter, which inference mode hides.
-Checked by hand on the code before issue 18 (commit 19b559e): the tiled-sampler legs with a callback
-raised ``TypeError`` in ``_report_tiled`` (`StepInfo` had lost ``cfg_scale``), and the batch legs failed
-the grad-mode check (``run_batch`` ran under ``torch.inference_mode()``).
+Checked by hand against the two bugs this matrix was written for: on commit 19b559e the API leg's call
+(a tiled-sampler restore with a step callback) raised ``TypeError: StepInfo.__init__() got an unexpected
+keyword argument 'cfg_scale'`` (``_report_tiled``); with ``torch.inference_mode()`` put back around the
+batch composition (as the old ``batching.run_batch`` had it), ``test_batch_of_three[untiled-edm]`` fails
+with "the sampler runs under inference_mode".
 """
 
 from __future__ import annotations

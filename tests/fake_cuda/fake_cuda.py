@@ -195,9 +195,9 @@ class FakeCuda:
     def _watch(self, infer: Callable) -> Callable:
         fake = self
 
-        def watched(engine, feed):
+        def watched(engine, feed, **kwargs):  # kwargs: `Engine.infer`'s check_inputs
             fake.in_sampler_loop = fake.watch_loop and getattr(getattr(engine, "spec", None), "name", "") == "unet_adaptor"
-            return infer(engine, feed)
+            return infer(engine, feed, **kwargs)
 
         return watched
 

@@ -38,8 +38,9 @@ def _feeds(config):
 def test_every_network_runs_on_the_plans_gpu(fake2, device):
     """Defect 1 ("cuda" vs "cuda:0"): with `MemoryPlan` comparing `torch.device("cuda")` to the
     parameters' `cuda:0` the engines refused to open for the "cuda" plan (checked by hand: with the
-    normalisation in `MemoryPlan.__post_init__` removed this test fails for "cuda" with
-    "the memory plan puts unet_adaptor in torch.float16 on cuda")."""
+    normalisation in `MemoryPlan.__post_init__` removed this test fails for "cuda" at
+    ``plan.device == cuda:0``, and the engines then refuse to open with "... but the memory plan puts
+    unet_adaptor in torch.float16 on cuda", as the GPU check's phases did)."""
     config = ModelConfig.tiny()
     feeds = _feeds(config)
     plan = MemoryPlan.for_device(device)
