@@ -284,6 +284,7 @@ def sample(
     *,
     tiling: TilingPlan | None = None,
     progress: ProgressFn | None = None,
+    tile_pool: Any = None,
 ) -> torch.Tensor:
     """Initial noise (one draw), then the sampler ``config.sampler`` names.
 
@@ -294,7 +295,9 @@ def sample(
     not used (`ignored_settings` names the ones a config sets to no effect).
 
     With a ``tiling`` plan whose sampler is tiled, the tiled twin of that sampler (`supir_rt.tiling`)
-    runs over the same denoiser stack, calling ``progress(n)`` after every batch of n tiles.
+    runs over the same denoiser stack, calling ``progress(n)`` after every batch of n tiles. With a
+    ``tile_pool`` (`supir_rt.tile_workers.TilePool`) the tile batches of each step run on its workers
+    (the blend and the sampler update stay here).
     """
     control_latent = cond["control"]
     table = legacy_ddpm_sigmas(model_config.denoiser_config).to(control_latent.device)
@@ -307,7 +310,8 @@ def sample(
                ControlScale(config.control_scale, config.use_linear_control_scale, config.control_scale_start))
     x = initial_latent(noise.randn_like(control_latent), sigmas)
     if tiling is not None and tiling.sampler_tiled:
-        denoise = TileGuidedDenoiser(network, cond, uncond, cfg, control)
+        denoise = (TileGuidedDenoiser(network, cond, uncond, cfg, control) if tile_pool is None
+                   else tile_pool.denoiser(cond, uncond, cfg, control, table))
         options = dict(lq_latent=control_latent, noise=noise.randn_like, tile=tiling.tile, stride=tiling.stride,
                        tile_batch=tiling.tile_batch, callback=callback, progress=progress)
         if dpmpp:
@@ -414,6 +418,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.skip_unused_work = skip_unused_work
         self.device = torch.device(getattr(engines["unet_adaptor"], "device", "cpu"))
+        self.tile_pool: Any = None  # a `supir_rt.tile_workers.TilePool`: tiled steps run on its workers
         self._prompts: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
 
@@ -500,7 +505,8 @@ class Pipeline:
         if tiling.sampler_tiled:
             with phase("sampling", total=config.num_steps * tiling.tiles, unit="tile") as tiles:
                 latent = sample(engines, cond, uncond, x_center, noise, config, self.model_config, callback,
-                                tiling=tiling, progress=tiles.advance if active_progress() is not None else None)
+                                tiling=tiling, progress=tiles.advance if active_progress() is not None else None,
+                                tile_pool=self.tile_pool)
         else:
             with phase("sampling", total=config.num_steps, unit="step") as steps:
                 latent = sample(engines, cond, uncond, x_center, noise, config, self.model_config,

@@ -37,6 +37,7 @@ import torch
 from supir_rt.denoiser import ConditionedDenoiser, ControlScale, LinearCFG, append_dims, per_sample
 from supir_rt.sampler import NoiseFn, StepInfo
 from supir_rt.schedule import OFFICIAL_SIGMA_MAX
+from supir_rt.tile_workers import iter_tiles
 
 LATENT_FACTOR = 8  # image px per latent px
 DEFAULT_TILE_LATENT = 128  # the official SUPIR_v0_tiled.yaml tile_size (1024 px)
@@ -255,14 +256,18 @@ def sample_restore_edm_tiled(
         eps_full = noise(x) * s_noise  # one draw per step, also when γ = 0 (official order)
         x_next = torch.zeros_like(x)
         d_next = torch.zeros_like(x) if callback is not None else None
+        inputs = []
         for group in batches:
             s_in = ones[len(group)]
-            sigma, sigma_next = sigmas[k] * s_in, sigmas[k + 1]
+            sigma = sigmas[k] * s_in
             sigma_hat = sigma * (gamma + 1.0)
             xt = _gather(x, group)  # (n·B, C, th, tw)
             if gamma > 0:
                 xt = xt + _gather(eps_full, group) * append_dims(sigma_hat**2 - sigma**2, xt.ndim) ** 0.5
-            denoised = denoise(xt, sigma_hat, sigma, _gather(lq_latent, group))
+            inputs.append((xt, sigma_hat, sigma, _gather(lq_latent, group)))
+        sigma_next = sigmas[k + 1]
+        # all batches of the step are handed over at once (a sharding denoiser runs them in parallel)
+        for group, (xt, sigma_hat, sigma, _), denoised in zip(batches, inputs, iter_tiles(denoise, inputs)):
             if guided:
                 weight = (sigma / restore_sigma_max) ** restore_cfg
                 denoised = denoised - (denoised - _gather(x_center, group)) * append_dims(weight, xt.ndim)
@@ -315,10 +320,9 @@ def sample_dpmpp_2m_sde_tiled(
             d_coef = -torch.expm1(-h - eta_h)
         eps_full = noise(x) if second_order and eta else None
         x_next, d_next = torch.zeros_like(x), torch.zeros_like(x)
-        for group in batches:
-            sigma_b = sigma * ones[len(group)]
-            xt = _gather(x, group)
-            denoised = denoise(xt, sigma_b, sigma_b, _gather(lq_latent, group))
+        inputs = [(_gather(x, group), sigma * ones[len(group)], sigma * ones[len(group)], _gather(lq_latent, group))
+                  for group in batches]
+        for group, (xt, *_), denoised in zip(batches, inputs, iter_tiles(denoise, inputs)):
             if last:
                 out = denoised
             elif not second_order:
@@ -351,15 +355,11 @@ def _report_tiled(
     """One `StepInfo` per step (host reads happen only here, when a callback asked for them)."""
     sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
     sigma_hat = sigma * (gamma + 1.0)
-    cfg_scale = control_scale = None
     scales = getattr(denoise, "scales", None)
-    if scales is not None:
-        s = torch.tensor([sigma_hat]), torch.tensor([sigma])
-        cfg, cs = scales(*s)
-        cfg_scale, control_scale = float(cfg.reshape(-1)[0]), float(cs)
+    lazy = None if scales is None else (lambda: scales(torch.tensor([sigma_hat]), torch.tensor([sigma])))
     k_t = (sigma / restore_sigma_max) ** restore_cfg if guided else 0.0
     callback(StepInfo(index=k, total=total, sigma=sigma, sigma_next=sigma_next, sigma_hat=sigma_hat, gamma=gamma,
-                      cfg_scale=cfg_scale, control_scale=control_scale, k_t=k_t, x=x, denoised=denoised))
+                      k_t=k_t, x=x, denoised=denoised, scales=lazy))
 
 
 __all__ = [
