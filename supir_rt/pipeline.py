@@ -200,8 +200,9 @@ class Stage1:
 
 def stage1(engines: Mapping[str, Engine], lq: torch.Tensor) -> Stage1:
     """`encode_first_stage_with_denoise` (mean) and `decode_first_stage`: control latent + stage-1 image."""
-    latent = _infer(engines["dr_encoder"], image=lq)["latent"].clone()
-    image = _infer(engines["vae_decoder"], latent=latent)["image"].clone()
+    # copies on lq's device (a split placement runs the VAE on another GPU than the sampler)
+    latent = _infer(engines["dr_encoder"], image=lq)["latent"].to(lq.device, copy=True)
+    image = _infer(engines["vae_decoder"], latent=latent)["image"].to(lq.device, copy=True)
     return Stage1(control_latent=latent, image=image)
 
 
@@ -350,7 +351,7 @@ def needs_x_center(config: RestoreConfig) -> bool:
 
 def decode(engines: Mapping[str, Engine], latent: torch.Tensor) -> torch.Tensor:
     """`decode_first_stage`: scaled latent -> image (not clamped). Non-finite values raise."""
-    image = _infer(engines["vae_decoder"], latent=latent)["image"].clone()
+    image = _infer(engines["vae_decoder"], latent=latent)["image"].to(latent.device, copy=True)
     bad = int((~torch.isfinite(image)).sum())
     if bad or not torch.isfinite(latent).all():
         raise NonFiniteOutputError(
