@@ -129,6 +129,45 @@ def split_plan(devices: Sequence[str | torch.device], dtype: torch.dtype, vae_dt
     return plan
 
 
+def _cfg_parallel(engines: dict[str, Engine], model: torch.nn.Module, plan: Any, devices: Sequence[str] | None,
+                  torch_options: Any, fp8_weights: bool, desc: dict[str, Any]) -> dict[str, Engine]:
+    """``engines`` with the unet_adaptor replaced by CFG-parallel over it and a copy of its weights on the
+    second of ``devices`` (allocated there directly, then copied from the first device tensor by tensor)."""
+    from supir_rt.backends.parallel import CFGParallelEngine
+    from supir_rt.backends.placement import NETWORK_PARTS, MemoryPlan, NetworkPlacement, build_placed_model
+    from supir_rt.backends.torch_backend import open_torch_engines
+
+    if not devices:
+        raise SetupError("--cfg-parallel needs --devices A,B: the second device runs the conditional half")
+    if fp8_weights:
+        raise SetupError("--cfg-parallel with --fp8-weights is not supported yet; drop one of them")
+    second = torch.device(devices[1])
+    meta = torch.device("meta")  # the twin holds only the UNet + adaptor; its other parts stay unallocated
+    twin_plan = MemoryPlan(second, {n: NetworkPlacement(p.dtype, True) for n, p in plan.networks.items()},
+                           {n: meta for n in NETWORK_PARTS if n != "unet_adaptor"})
+    with _loading_memory(twin_plan, model.config):
+        twin = build_placed_model(model.config, twin_plan, init=False, pin=False)
+        twin.model.load_state_dict(model.model.state_dict())
+    other = open_torch_engines(model=twin, plan=twin_plan, options=torch_options, networks=["unet_adaptor"])
+    desc["cfg_parallel"] = [str(plan.device_of("unet_adaptor")), str(second)]
+    log.info("CFG-parallel: unconditional half on %s, conditional half on %s", plan.device_of("unet_adaptor"), second)
+    return {**engines, "unet_adaptor": CFGParallelEngine(engines["unet_adaptor"], other["unet_adaptor"])}
+
+
+def _join_ray(address: str | None) -> None:
+    from supir_rt.tile_workers import connect_ray
+
+    connect_ray(address)
+
+
+def _attach_or_close(restorer: Restorer, recipe: Any, workers: int, ray_address: str | None) -> None:
+    try:
+        restorer.attach_tile_workers(recipe, workers, ray_address)
+    except BaseException:
+        restorer.close()
+        raise
+
+
 def _log_placement(plan: Any) -> dict[str, str]:
     """The split placement, logged once and returned for the outputs' metadata."""
     placement = plan.describe()
@@ -205,7 +244,8 @@ class Restorer:
         cls, sdxl: str | Path, supir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
         backend: str = "torch", engines_dir: str | Path | None = None, config: ModelConfig | None = None,
         vae_dtype: str | None = None, offload: bool | None = None, fp8_weights: bool = False,
-        torch_options: Any = None, devices: Sequence[str] | None = None, **kwargs: Any,
+        torch_options: Any = None, devices: Sequence[str] | None = None, cfg_parallel: bool = False,
+        tile_workers: int = 0, ray_address: str | None = None, **kwargs: Any,
     ) -> Restorer:
         """Load the official SDXL base + SUPIR-v0Q/v0F checkpoints (torch backend), or open exported
         engines from ``engines_dir`` (onnxruntime/tensorrt backends, which need no PyTorch model).
@@ -214,8 +254,13 @@ class Restorer:
         ``offload`` (None: on CUDA, the VAE and text encoders visit the GPU only while they run),
         ``fp8_weights`` (UNet + adaptor weights stored in fp8, GPUs with compute capability 8.9+),
         ``torch_options`` (`supir_rt.backends.torch_backend.TorchOptions`: compile, CUDA graphs),
-        ``devices`` (two devices: split placement, `split_plan`; replaces ``device``)."""
+        ``devices`` (two devices: split placement, `split_plan`; replaces ``device``), ``cfg_parallel``
+        (with ``devices``: a second UNet + adaptor on the second device runs the conditional half of
+        every CFG pair, `supir_rt.backends.parallel`). ``tile_workers`` / ``ray_address``: tiled steps
+        on Ray actors (`attach_tile_workers`)."""
         config = config or ModelConfig.official()
+        if tile_workers:
+            _join_ray(ray_address)  # before loading anything: an address that does not answer fails fast
         backend = _pick_backend(backend, engines_dir, device, config, dtype)
         if devices and not backend.startswith("torch"):
             raise SetupError(f"--devices (split placement) needs the torch backend, not {backend}")
@@ -241,9 +286,21 @@ class Restorer:
             desc.update(_torch_description(plan, torch_options, fp8_weights))
             if devices:
                 desc["placement"] = _log_placement(plan)
+            if cfg_parallel:
+                engines = _cfg_parallel(engines, model, plan, devices, torch_options, fp8_weights, desc)
         else:
             engines = _open_artifact_engines(backend, config, engines_dir, dtype)
-        return cls(engines, config, description=desc, **kwargs)
+        restorer = cls(engines, config, description=desc, **kwargs)
+        if tile_workers:
+            from supir_rt.tile_workers import WorkerRecipe
+
+            recipe = WorkerRecipe("from_weights", dict(
+                sdxl=str(sdxl), supir=str(supir), device="cuda" if str(device).startswith("cuda") else str(device),
+                dtype=dtype, backend=backend, engines_dir=None if engines_dir is None else str(engines_dir),
+                config=config, vae_dtype=vae_dtype, offload=offload, fp8_weights=fp8_weights,
+                torch_options=torch_options, progress=False, max_pixels=None))
+            _attach_or_close(restorer, recipe, tile_workers, ray_address)
+        return restorer
 
     @classmethod
     def from_engines(cls, engines_dir: str | Path, *, backend: str = "auto", dtype: str = "fp32",
@@ -264,12 +321,15 @@ class Restorer:
     def tiny_random(cls, *, seed: int = 0, device: str = "cpu", dtype: str = "fp32", backend: str = "torch",
                     engines_dir: str | Path | None = None, vae_dtype: str | None = None, offload: bool | None = None,
                     fp8_weights: bool = False, torch_options: Any = None, devices: Sequence[str] | None = None,
+                    cfg_parallel: bool = False, tile_workers: int = 0, ray_address: str | None = None,
                     **kwargs: Any) -> Restorer:
         """The whole pipeline on the tiny configuration with random weights: shows it runs end to end.
         **The output is not a restoration** (random networks produce noise-like images)."""
         from supir_rt.model.supir import build_model
 
         config = ModelConfig.tiny()
+        if tile_workers:
+            _join_ray(ray_address)
         dev, dt = check_device(devices[0] if devices else device), parse_dtype(dtype)
         _warn_precision(dev, dt)
         # auto: torch, or with engines_dir the engine backend whose artifacts there are usable
@@ -296,6 +356,8 @@ class Restorer:
             desc.update(_torch_description(plan, torch_options, fp8_weights))
             if devices:
                 desc["placement"] = _log_placement(plan)
+            if cfg_parallel:
+                engines = _cfg_parallel(engines, model, plan, devices, torch_options, fp8_weights, desc)
         else:
             try:
                 from supir_rt.backends.onnx_export import export_all
@@ -308,7 +370,16 @@ class Restorer:
             export_all(model, out, precision=dtype, progress=False, reuse=True)
             engines = _open_artifact_engines(backend, config, out, dtype)
             desc["engines_dir"] = str(out)
-        return cls(engines, config, description=desc, **kwargs)
+        restorer = cls(engines, config, description=desc, **kwargs)
+        if tile_workers:
+            from supir_rt.tile_workers import WorkerRecipe
+
+            recipe = WorkerRecipe("tiny_random", dict(
+                seed=seed, device="cuda" if dev.type == "cuda" else "cpu", dtype=dtype, backend=backend,
+                engines_dir=None if engines_dir is None else str(engines_dir), vae_dtype=vae_dtype, offload=offload,
+                fp8_weights=fp8_weights, torch_options=torch_options, progress=False, max_pixels=None))
+            _attach_or_close(restorer, recipe, tile_workers, ray_address)
+        return restorer
 
     # ------------------------------------------------------------------------------------- restoring
 
@@ -430,7 +501,23 @@ class Restorer:
 
     # ------------------------------------------------------------------------------------- lifecycle
 
+    def attach_tile_workers(self, recipe: Any, workers: int, ray_address: str | None = None) -> None:
+        """Run the tiled sampler steps on ``workers`` Ray actors built from ``recipe`` (a
+        `supir_rt.tile_workers.WorkerRecipe`: the constructor and options this restorer was made with).
+        Joins the Ray cluster at ``ray_address`` (None: a local Ray), starts the workers and checks
+        them against this restorer's ``unet_adaptor`` before any restore; untiled restores stay local."""
+        from supir_rt.tile_workers import TilePool, connect_ray, engine_identity
+
+        connect_ray(ray_address)
+        gpu = str(recipe.kwargs.get("device", "cpu")).startswith("cuda")
+        self.pipeline.tile_pool = TilePool(recipe, workers, expected=engine_identity(self.engines["unet_adaptor"]),
+                                           num_gpus=1 if gpu else 0)
+        self.description.update({"tile_workers": workers, "ray_address": ray_address or "local"})
+
     def close(self) -> None:
+        if self.pipeline.tile_pool is not None:
+            self.pipeline.tile_pool.close()
+            self.pipeline.tile_pool = None
         for engine in self.engines.values():
             engine.close()
         if self.captioner is not None and hasattr(self.captioner, "close"):

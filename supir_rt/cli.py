@@ -336,6 +336,13 @@ def add_restore_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _devices(value: str) -> list[str]:
+    devices = [d.strip() for d in value.split(",") if d.strip()]
+    if len(devices) != 2:
+        raise argparse.ArgumentTypeError(f"{value!r}: give two devices separated by a comma, e.g. cuda:0,cuda:1")
+    return devices
+
+
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """Weights, backend, device and logging flags, shared by every command that loads the model
     (``restore``, ``ui``); `build_restorer` reads them."""
@@ -364,6 +371,16 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
                    help="with --compile on CUDA: do not capture CUDA graphs")
     g.add_argument("--fp8-weights", action="store_true",
                    help="store the UNet + adaptor weights in fp8 (half the VRAM; GPUs with fp8: Ada, Hopper)")
+    m = parser.add_argument_group("several GPUs and machines (docs/scale.md)")
+    m.add_argument("--devices", type=_devices, default=None, metavar="A,B",
+                   help="split placement over two devices: UNet + adaptor on A, text encoders + VAE on B "
+                        "(e.g. cuda:0,cuda:1; PyTorch backend)")
+    m.add_argument("--cfg-parallel", action="store_true", default=None,
+                   help="with --devices: a second UNet + adaptor on B runs the conditional half of each CFG pair")
+    m.add_argument("--tile-workers", type=int, default=None, metavar="N",
+                   help="run the tiles of tiled sampler steps on N Ray actors (one GPU each on a GPU cluster)")
+    m.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster for --tile-workers: auto, ray://HOST:10001 or HOST:6379 (default: a local Ray)")
     r.add_argument("--max-pixels", type=int, default=None,
                    help="largest input image in pixels (decompression-bomb guard, default 64 Mpx)")
     r.add_argument("--tiny-random", action="store_true",
@@ -424,17 +441,46 @@ def build_restorer(args: argparse.Namespace, file_cfg: Mapping[str, Any]) -> Any
     given = [name for name, on in (
         ("--vae-dtype", flag("vae_dtype")), ("--no-offload", flag("offload") is False), ("--compile", flag("compile")),
         ("--compile-mode", flag("compile_mode")), ("--no-cuda-graphs", flag("cuda_graphs") is False),
-        ("--fp8-weights", flag("fp8_weights"))) if on]
+        ("--fp8-weights", flag("fp8_weights")), ("--devices", flag("devices")),
+        ("--cfg-parallel", flag("cfg_parallel"))) if on]
     if given and (backend not in ("auto", "torch") or (engines_dir is not None and backend != "torch")):
         raise SetupError(f"{', '.join(given)}: PyTorch backend options; drop them or use --backend torch")
+    scale = scale_options_from_args(args)
+    if scale.get("devices") and args.device:
+        raise SetupError("--device and --devices: give one of them (--devices A,B splits the networks over two)")
+    if scale.get("devices"):
+        device = scale["devices"][0]
+        dtype = args.dtype or rt.get("dtype") or ("fp16" if str(device).startswith("cuda") else "fp32")
     if args.tiny_random:
         return Restorer.tiny_random(device=device, dtype=dtype, backend=backend, engines_dir=engines_dir,
-                                    **torch_opts, **options)
+                                    **torch_opts, **scale, **options)
     if engines_dir is not None and backend != "torch":
+        if scale:
+            raise SetupError(f"{', '.join('--' + k.replace('_', '-') for k in scale)}: not available with "
+                             "--engines-dir yet; use the PyTorch backend with the checkpoint files")
         return Restorer.from_engines(engines_dir, backend=backend, dtype=dtype, **options)
     weights = find_weights(args, file_cfg)
     return Restorer.from_weights(weights.sdxl, weights.supir, device=device, dtype=dtype, backend=backend,
-                                 engines_dir=engines_dir, **torch_opts, **options)
+                                 engines_dir=engines_dir, **torch_opts, **scale, **options)
+
+
+def scale_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`Restorer`'s several-devices keyword arguments from --devices / --cfg-parallel / --tile-workers /
+    --ray-address (only those given)."""
+    flag = lambda name: getattr(args, name, None)  # noqa: E731
+    out: dict[str, Any] = {}
+    if flag("devices"):
+        out["devices"] = flag("devices")
+    if flag("cfg_parallel"):
+        out["cfg_parallel"] = True
+    if flag("ray_address") and not flag("tile_workers"):
+        raise SetupError("--ray-address is for --tile-workers N; add it or drop --ray-address")
+    if flag("tile_workers") is not None:
+        if flag("tile_workers") < 1:
+            raise SetupError(f"--tile-workers {flag('tile_workers')}: give at least 1")
+        out["tile_workers"] = flag("tile_workers")
+        out["ray_address"] = flag("ray_address")
+    return out
 
 
 def torch_options_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -81,6 +81,7 @@ def engine_identity(engine: Engine) -> dict[str, str]:
     import supir_rt
     from supir_rt.backends.manifest import Manifest, manifest_path, tensors_sha256
 
+    engine = getattr(engine, "engines", (engine,))[0]  # CFG-parallel: its engines hold the same weights
     module = getattr(engine, "module", None)
     if isinstance(module, torch.nn.Module):
         weights = tensors_sha256(module.state_dict().items())
@@ -152,7 +153,8 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
         _probe(address)
     try:
         if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            # a Ray of this machine only, reachable on 127.0.0.1 only
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         else:
             ray.init(address=address, log_to_driver=False)
     except Exception as err:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError, timeouts

@@ -119,3 +119,31 @@ def test_a_ray_address_that_does_not_answer_is_one_clear_error():
             "try:\n    connect_ray('127.0.0.1:9')\nexcept TileWorkerError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "ERR --ray-address 127.0.0.1:9: nothing answers there" in out.stdout, out.stdout + out.stderr
+
+
+def test_cli_tile_workers_give_the_single_process_image(tmp_path):
+    """`supir-rt restore --tiny-random --tiling on ... --tile-workers 2` (a local Ray the command starts)
+    writes the image the same command writes without workers, and records the workers in its metadata.
+    One intra-op thread in both runs (see the module docstring)."""
+    import json
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(src)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    common = [sys.executable, "-m", "supir_rt.cli", "restore", "--tiny-random", str(src), "--steps", "2",
+              "--tiling", "on", "--tile-size", "128", "--tile-stride", "64", "-q"]
+    outs = {}
+    for name, extra in (("single", []), ("workers", ["--tile-workers", "2"])):
+        outs[name] = tmp_path / f"{name}.png"
+        run = subprocess.run([*common, "-o", str(outs[name]), *extra], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    single, workers = (np.asarray(Image.open(outs[n])) for n in ("single", "workers"))
+    assert np.array_equal(single, workers)
+    meta = json.loads(Image.open(outs["workers"]).text["supir-rt"])
+    # 80x64 at min-size 256 -> 320x256 px -> a 40x32 latent; 16-px tiles at stride 8: 4 x 3 windows
+    assert meta["runtime"]["tile_workers"] == 2 and meta["tiling"]["sampler_tiles"] == 4 * 3
