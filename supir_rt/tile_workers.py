@@ -11,8 +11,9 @@ Pieces:
   worker runs exactly the driver's network, on its own device and backend;
 * `TileWorker`: the actor. It holds one engine; `setup` receives the text conditioning (positive and
   negative), the guidance schedules and the σ table **once per restore**; `denoise` then receives per
-  batch only that batch's tiles (x tiles, σ̂, σ, the control-latent crops) and returns the guided
-  denoised tiles ``D`` (CFG applied on the worker: half the bytes of returning the ``2B`` eps);
+  batch only that batch's tiles (x tiles, σ̂, σ; the control-latent crops by reference, transferred
+  once per node and restore) and returns the guided denoised tiles ``D`` (CFG applied on the worker:
+  half the bytes of returning the ``2B`` eps);
 * `TilePool`: the driver's handle on N workers. Before the first step it compares every worker's
   `engine_identity` (weights hash, runtime version, backend, dtype) with the driver's and refuses a
   mismatch with one clear error; a Ray address that does not answer is one clear error too;
@@ -253,6 +254,7 @@ class ShardedTileDenoiser:
         self.pool, self.key, self.cfg, self.control = pool, key, cfg, control
         self.batches_sent: list[int] = [0] * len(pool.actors)  # per worker, for tests and the benchmark
         self.retried = 0
+        self._lq_refs: list[Any] = []
 
     def scales(self, sigma_hat: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cfg(sigma_hat), self.control(sigma)
@@ -273,7 +275,11 @@ class ShardedTileDenoiser:
         if not batches:
             return
         device = batches[0][0].device
-        cpu = [tuple(t.cpu() for t in b) for b in batches]
+        # the control-latent crops of batch j are the same every step: put in Ray's object store once and
+        # passed by reference (a node fetches an object once and keeps it while it is referenced)
+        if len(self._lq_refs) != len(batches):
+            self._lq_refs = [ray.put(b[3].cpu()) for b in batches]
+        cpu = [(*(t.cpu() for t in b[:3]), ref) for b, ref in zip(batches, self._lq_refs)]
         owner: dict[int, tuple[int, Any]] = {}
 
         def submit(indices: Sequence[int]) -> None:
