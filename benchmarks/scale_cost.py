@@ -3,7 +3,7 @@
 Not a timed test: a script that measures, on this machine, with the tiny model (random weights):
 
 1. the per-step time of one tiled step run locally, on 1 Ray actor and on 2 Ray actors (the same tile
-   batches: the same ``TileGuidedDenoiser`` on the same weights; 3x3 tiles of 32² latent by default, so
+   batches: the same ``TiledDenoiser.denoise_batch`` on the same weights; 3x3 tiles of 32² latent by default, so
    that the tiny model on a CPU takes minutes, not hours), and the Ray round trip of one full-size
    (128² latent, 256 KiB) tile batch alone (an echo actor returning the batch's bytes);
 2. the bytes that travel per step at 2K / 4K / 8K output with the default 1024-px tiles (stride 512):
@@ -48,8 +48,10 @@ def bytes_per_step(side_px: int, *, images: int = 1, tile_batch: int = 1) -> dic
     batches = math.ceil(tiles / tile_batch)
     sigmas = 2 * images * tile_batch * 4 * batches  # σ̂ and σ per tile
     text = 2 * images * (77 * 2048 + 2816) * 4  # positive + negative, the official model's sizes
+    # once per restore and node: the text conditioning (one object for all batches of a size) and the
+    # control-latent tiles as the network sees them, [lq, lq] per batch
     return {"tiles": tiles, "to_workers": tiles * tile + sigmas, "from_workers": tiles * tile,
-            "once_per_restore": text + tiles * tile}
+            "once_per_restore": text + 2 * tiles * tile}
 
 
 def _median_time(fn, rounds: int) -> float:
@@ -66,10 +68,10 @@ def measure(rounds: int, latent_side: int, tile: int, stride: int) -> dict[str, 
 
     from supir_rt import Restorer
     from supir_rt.denoiser import ControlScale, EpsDenoiser, LinearCFG
-    from supir_rt.pipeline import engine_network, prepare_condition
     from supir_rt.schedule import legacy_ddpm_sigmas
-    from supir_rt.tile_workers import TilePool, WorkerRecipe, iter_tiles
-    from supir_rt.tiling import TileGuidedDenoiser, TilePlan
+    from supir_rt.stages import engine_network, prepare_condition
+    from supir_rt.tile_workers import TilePool, WorkerRecipe
+    from supir_rt.tiling import TiledDenoiser, TileGrid, gather
 
     torch.set_num_threads(1)  # as each Ray actor runs (1 CPU each)
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=200 * 2**20,
@@ -81,30 +83,35 @@ def measure(rounds: int, latent_side: int, tile: int, stride: int) -> dict[str, 
             cond, uncond = prepare_condition(r.pipeline.embed("a"), r.pipeline.embed("b"), control)
             table = legacy_ddpm_sigmas()
             cfg, cs = LinearCFG.constant(4.0), ControlScale(1.0)
-            local = TileGuidedDenoiser(EpsDenoiser(engine_network(r.engines["unet_adaptor"]), table), cond, uncond,
-                                       cfg, cs)
-            plan = TilePlan.build(latent_side, latent_side, tile, stride, "cpu")
+            grid = TileGrid.build(latent_side, latent_side, tile, stride, "cpu")
+            network = EpsDenoiser(engine_network(r.engines["unet_adaptor"]), table)
+            local = TiledDenoiser(network, cond, uncond, cfg, cs, grid)
             x = torch.randn_like(control)
             sigma = torch.full((1,), 5.0)
-            batches = [(x[..., a:b, c:e], sigma, sigma, control[..., a:b, c:e]) for a, b, c, e in plan.windows]
+            x_tiles = [gather(x, b) for b in local.batches]
+
+            def run_local():
+                return [local.denoise_batch(j, xt, sigma, sigma) for j, xt in enumerate(x_tiles)]
 
             def blend(outs):
                 acc = torch.zeros_like(x)
-                for (a, b, c, e), d in zip(plan.windows, outs):
-                    acc[..., a:b, c:e] += d * plan.weights
-                return acc / plan.count
+                for batch, d in zip(local.batches, outs):
+                    for a, b, c, e in batch:
+                        acc[..., a:b, c:e] += d * grid.weights
+                return acc / grid.count
 
-            outs = list(iter_tiles(local, batches))
-            t_local = _median_time(lambda: list(iter_tiles(local, batches)), rounds)
+            outs = run_local()
+            t_local = _median_time(run_local, rounds)
             t_blend = _median_time(lambda: blend(outs), rounds)
-            result = {"tiles": len(batches), "latent_side": latent_side, "tile": tile, "local_step_s": t_local,
-                      "tile_s": t_local / len(batches), "blend_s": t_blend}
+            result = {"tiles": len(x_tiles), "latent_side": latent_side, "tile": tile, "local_step_s": t_local,
+                      "tile_s": t_local / len(x_tiles), "blend_s": t_blend}
             for workers in (1, 2):
                 with TilePool(WorkerRecipe("tiny_random", {"seed": 0}), workers) as pool:
-                    sharded = pool.denoiser(cond, uncond, cfg, cs, table)
-                    got = sharded.run_tiles(batches)  # warm-up (and the lq crops go to the object store)
+                    sharded = pool.bind(local)
+                    got = sharded.run_tiles(x_tiles, sigma, sigma)  # warm-up (and the set-up objects travel)
                     assert all(torch.equal(a, b) for a, b in zip(got, outs)), "workers differ from the local run"
-                    result[f"ray{workers}_step_s"] = _median_time(lambda: sharded.run_tiles(batches), rounds)
+                    result[f"ray{workers}_step_s"] = _median_time(lambda: sharded.run_tiles(x_tiles, sigma, sigma),
+                                                                   rounds)
 
             @ray.remote(num_cpus=1)
             class Echo:
@@ -112,7 +119,7 @@ def measure(rounds: int, latent_side: int, tile: int, stride: int) -> dict[str, 
                     return x.clone()
 
             echo = Echo.remote()
-            full = [(torch.randn(1, CHANNELS, TILE, TILE, generator=g), sigma, sigma) for _ in batches]  # 1024-px tiles
+            full = [(torch.randn(1, CHANNELS, TILE, TILE, generator=g), sigma, sigma) for _ in x_tiles]  # 1024-px tiles
             ray.get(echo.run.remote(*full[0]))
             t_echo = _median_time(lambda: ray.get([echo.run.remote(*b) for b in full]), rounds)
             result["round_trip_per_batch_s"] = t_echo / len(full)

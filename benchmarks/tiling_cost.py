@@ -75,7 +75,7 @@ def run_restore_case(size: int, mode: str) -> dict:
 def run_vae_case(size: int, mode: str, part: str, out_file: str, model: str, tile: int, keep: int) -> dict:
     import torch
 
-    from supir_rt import vae_tiling
+    from supir_rt.tiling import vae as vae_tiling
     from supir_rt.config import ModelConfig
     from supir_rt.model.supir import initialise_random
     from supir_rt.model.vae import AutoencoderKL

@@ -13,10 +13,8 @@ own their output buffers until the next call).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,179 +23,40 @@ from typing import Any
 import torch
 from PIL import Image
 
-from supir_rt.backends import Engine, open_engines
+from supir_rt.backends import Engine
 from supir_rt.config import ModelConfig
 from supir_rt.errors import UserError
 from supir_rt.images import (
     DEFAULT_MAX_PIXELS, ImageError, LoadedImage, check_output_path, from_pil, load_image, save_image,
 )
-from supir_rt.memory import TilingError, TilingPlan
-from supir_rt.pipeline import Pipeline, RestoreResult
+from supir_rt.caption import check_truncation, join_prompt
+from supir_rt.errors import SetupError
+from supir_rt.loading import (  # noqa: F401 - SDXL_FILE, SUPIR_FILES, parse_dtype, check_device: public here too
+    DTYPES, SDXL_FILE, SUPIR_FILES, _check_engine_dtype, _check_fp8, _loading_memory, _loading_plan,
+    _memory_plan, _open_artifact_engines, _open_torch, _pick_backend, _quantize_and_place, _refuse_foreign_engines,
+    _cfg_parallel, _log_placement, _torch_description, _warn_precision, check_device,
+    parse_dtype, split_plan, tiny_engines_cache,
+)
+from supir_rt.tiling.policy import TilingError, TilingPlan
+from supir_rt.pipeline import Pipeline, Request, RestoreResult
 from supir_rt.progress import Progress, phase
 from supir_rt.progress import active as active_progress
 from supir_rt.restore_config import RestoreConfig
 from supir_rt.sampler import StepInfo
+from supir_rt.stages import Sizes, postprocess, preprocess, processing_sizes, stage1
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SDXL_FILE = "sd_xl_base_1.0_0.9vae.safetensors"
-SUPIR_FILES = {"Q": "SUPIR-v0Q.ckpt", "F": "SUPIR-v0F.ckpt"}
 # Largest processing size accepted (pixels): SDXL's self-attention at this size already needs a big GPU.
 DEFAULT_MAX_PROCESSING_PIXELS = 16 * 1024 * 1024
 
 
-class SetupError(UserError):
-    """The runtime cannot be set up as asked (device, dtype, backend, engines); the message says how to fix it."""
+@dataclass(frozen=True)
+class RestorePlan:
+    """What `Restorer.plan` decided for one image and config: the sizes and the tiling."""
 
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        if name not in DTYPES.values():
-            raise SetupError(f"dtype {name}: choose fp32, fp16 or bf16")
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise SetupError(f"dtype {name!r}: choose one of {', '.join(DTYPES)}") from None
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise SetupError(f"device {device!r} is not a device name ({err}); use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SetupError(f"device {device!r}: this machine has no CUDA GPU (or torch was built without CUDA); use --device cpu")
-    return dev
-
-
-def _warn_precision(device: torch.device, dtype: torch.dtype) -> None:
-    if device.type == "cpu" and dtype == torch.float16:
-        log.warning("fp16 on CPU is very slow (about 70x slower than fp32 in PyTorch); use --dtype fp32 on CPU")
-
-
-def _memory_plan(device: torch.device, dtype: torch.dtype, vae_dtype: str | None, offload: bool | None):
-    """The torch backend's placement: UNet + adaptor in ``dtype`` resident; on CUDA the VAE (bf16 by
-    default; never fp16, it overflows) and the text encoders (fp16) visit the GPU only while they run."""
-    from supir_rt.backends.placement import MemoryPlan
-
-    try:
-        return MemoryPlan.for_device(device, diffusion_dtype=dtype, offload=offload,
-                                     vae_dtype=parse_dtype(vae_dtype) if vae_dtype else None)
-    except ValueError as err:
-        raise SetupError(f"--vae-dtype {vae_dtype}: {err}") from None
-
-
-def split_plan(devices: Sequence[str | torch.device], dtype: torch.dtype, vae_dtype: str | None,
-               model_config: ModelConfig, *, capacity: Callable[[torch.device], int] | None = None):
-    """Split placement over two devices (`MemoryPlan.split`: UNet + adaptor on the first; text encoders,
-    VAE and DR encoder on the second), after checking that both exist and that each holds its share's
-    weights plus the working memory of its largest network at 1024² (`supir_rt.memory`'s estimates: the
-    UNet's CFG pair, the VAE tiled as the tiling planner would). ``capacity(device) -> bytes`` defaults
-    to the GPU's total memory; larger images are then tiled by the tiling planner as on one device."""
-    from supir_rt.backends.placement import NETWORK_PARTS, MemoryPlan, weight_bytes_per_device
-    from supir_rt.memory import tiled_vae_bytes, unet_bytes
-    from supir_rt.model.supir import build_model
-
-    devs = [check_device(d) for d in devices]
-    if len(devs) != 2 or devs[0] == devs[1]:
-        raise SetupError(f"--devices {','.join(map(str, devices))}: give two different devices, the first for the "
-                         "UNet + adaptor, the second for the text encoders and the VAE (e.g. cuda:0,cuda:1)")
-    for d in devs:
-        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
-            raise SetupError(f"--devices: {d} does not exist; this machine has {torch.cuda.device_count()} CUDA "
-                             f"device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    try:
-        plan = MemoryPlan.split((devs[0], devs[1]), diffusion_dtype=dtype,
-                                vae_dtype=parse_dtype(vae_dtype) if vae_dtype else None)
-    except ValueError as err:
-        raise SetupError(f"--vae-dtype {vae_dtype}: {err}") from None
-    capacity = capacity or (lambda d: torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else None)
-    need = weight_bytes_per_device(plan, build_model(model_config, device="meta"))
-    latent = 1024 // 8
-    dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
-    work = {devs[0]: unet_bytes(model_config, 1, latent, latent, dtype=dtype_name, backend="torch"),
-            devs[1]: tiled_vae_bytes(model_config, 1024, 1024, 512)}
-    for d, nbytes in need.items():
-        have = capacity(d)
-        if have is not None and nbytes + work[d] > have:
-            share = ", ".join(n for n in NETWORK_PARTS if plan.device_of(n) == d)
-            raise SetupError(f"--devices: {d} has {have / 2**30:.1f} GiB, too small for its share ({share}: "
-                             f"{nbytes / 2**30:.1f} GiB of weights + {work[d] / 2**30:.1f} GiB working memory at "
-                             "1024²); put the larger GPU first, or use one device with offloading")
-    return plan
-
-
-def _cfg_parallel(engines: dict[str, Engine], model: torch.nn.Module, plan: Any, devices: Sequence[str] | None,
-                  torch_options: Any, fp8_weights: bool, desc: dict[str, Any]) -> dict[str, Engine]:
-    """``engines`` with the unet_adaptor replaced by CFG-parallel over it and a copy of its weights on the
-    second of ``devices`` (allocated there directly, then copied from the first device tensor by tensor)."""
-    from supir_rt.backends.parallel import CFGParallelEngine
-    from supir_rt.backends.placement import NETWORK_PARTS, MemoryPlan, NetworkPlacement, build_placed_model
-    from supir_rt.backends.torch_backend import open_torch_engines
-
-    if not devices:
-        raise SetupError("--cfg-parallel needs --devices A,B: the second device runs the conditional half")
-    if fp8_weights:
-        raise SetupError("--cfg-parallel with --fp8-weights is not supported yet; drop one of them")
-    second = torch.device(devices[1])
-    meta = torch.device("meta")  # the twin holds only the UNet + adaptor; its other parts stay unallocated
-    twin_plan = MemoryPlan(second, {n: NetworkPlacement(p.dtype, True) for n, p in plan.networks.items()},
-                           {n: meta for n in NETWORK_PARTS if n != "unet_adaptor"})
-    with _loading_memory(twin_plan, model.config):
-        twin = build_placed_model(model.config, twin_plan, init=False, pin=False)
-        twin.model.load_state_dict(model.model.state_dict())
-    other = open_torch_engines(model=twin, plan=twin_plan, options=torch_options, networks=["unet_adaptor"])
-    desc["cfg_parallel"] = [str(plan.device_of("unet_adaptor")), str(second)]
-    log.info("CFG-parallel: unconditional half on %s, conditional half on %s", plan.device_of("unet_adaptor"), second)
-    return {**engines, "unet_adaptor": CFGParallelEngine(engines["unet_adaptor"], other["unet_adaptor"])}
-
-
-def _join_ray(address: str | None) -> None:
-    from supir_rt.tile_workers import connect_ray
-
-    connect_ray(address)
-
-
-def _attach_or_close(restorer: Restorer, recipe: Any, workers: int, ray_address: str | None) -> None:
-    try:
-        restorer.attach_tile_workers(recipe, workers, ray_address)
-    except BaseException:
-        restorer.close()
-        raise
-
-
-def _log_placement(plan: Any) -> dict[str, str]:
-    """The split placement, logged once and returned for the outputs' metadata."""
-    placement = plan.describe()
-    log.info("placement: %s", "; ".join(f"{k} {v}" for k, v in placement.items()))
-    return placement
-
-
-def _check_fp8(device: torch.device) -> None:
-    from supir_rt.backends.fp8 import fp8_unsupported_reason
-
-    reason = fp8_unsupported_reason(device)
-    if reason:
-        raise SetupError(reason)
-
-
-@contextlib.contextmanager
-def _loading_memory(plan: Any, model_config: ModelConfig):
-    """A CUDA out-of-memory error while placing or loading the weights, as one clear SetupError."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        from supir_rt.model.supir import build_model
-
-        need = plan.weight_bytes(build_model(model_config, device="meta"))
-        raise SetupError(
-            f"the GPU ran out of memory while loading the weights: the plan keeps {need['device'] / 2**30:.1f} GiB "
-            f"of weights on {plan.device} and needs {need['device_peak'] / 2**30:.1f} GiB while the largest "
-            "offloaded network runs. Use --fp8-weights (Ada/Hopper GPUs), keep offloading on, or a GPU with "
-            "more memory"
-        ) from None
+    sizes: Sizes
+    tiling: TilingPlan
 
 
 @dataclass(frozen=True)
@@ -245,7 +104,7 @@ class Restorer:
         backend: str = "torch", engines_dir: str | Path | None = None, config: ModelConfig | None = None,
         vae_dtype: str | None = None, offload: bool | None = None, fp8_weights: bool = False,
         torch_options: Any = None, devices: Sequence[str] | None = None, cfg_parallel: bool = False,
-        tile_workers: int = 0, ray_address: str | None = None, **kwargs: Any,
+        **kwargs: Any,
     ) -> Restorer:
         """Load the official SDXL base + SUPIR-v0Q/v0F checkpoints (torch backend), or open exported
         engines from ``engines_dir`` (onnxruntime/tensorrt backends, which need no PyTorch model).
@@ -256,11 +115,8 @@ class Restorer:
         ``torch_options`` (`supir_rt.backends.torch_backend.TorchOptions`: compile, CUDA graphs),
         ``devices`` (two devices: split placement, `split_plan`; replaces ``device``), ``cfg_parallel``
         (with ``devices``: a second UNet + adaptor on the second device runs the conditional half of
-        every CFG pair, `supir_rt.backends.parallel`). ``tile_workers`` / ``ray_address``: tiled steps
-        on Ray actors (`attach_tile_workers`)."""
+        every CFG pair, `supir_rt.backends.parallel`); docs/scale.md."""
         config = config or ModelConfig.official()
-        if tile_workers:
-            _join_ray(ray_address)  # before loading anything: an address that does not answer fails fast
         backend = _pick_backend(backend, engines_dir, device, config, dtype)
         if devices and not backend.startswith("torch"):
             raise SetupError(f"--devices (split placement) needs the torch backend, not {backend}")
@@ -290,17 +146,7 @@ class Restorer:
                 engines = _cfg_parallel(engines, model, plan, devices, torch_options, fp8_weights, desc)
         else:
             engines = _open_artifact_engines(backend, config, engines_dir, dtype)
-        restorer = cls(engines, config, description=desc, **kwargs)
-        if tile_workers:
-            from supir_rt.tile_workers import WorkerRecipe
-
-            recipe = WorkerRecipe("from_weights", dict(
-                sdxl=str(sdxl), supir=str(supir), device="cuda" if str(device).startswith("cuda") else str(device),
-                dtype=dtype, backend=backend, engines_dir=None if engines_dir is None else str(engines_dir),
-                config=config, vae_dtype=vae_dtype, offload=offload, fp8_weights=fp8_weights,
-                torch_options=torch_options, progress=False, max_pixels=None))
-            _attach_or_close(restorer, recipe, tile_workers, ray_address)
-        return restorer
+        return cls(engines, config, description=desc, **kwargs)
 
     @classmethod
     def from_engines(cls, engines_dir: str | Path, *, backend: str = "auto", dtype: str = "fp32",
@@ -321,15 +167,12 @@ class Restorer:
     def tiny_random(cls, *, seed: int = 0, device: str = "cpu", dtype: str = "fp32", backend: str = "torch",
                     engines_dir: str | Path | None = None, vae_dtype: str | None = None, offload: bool | None = None,
                     fp8_weights: bool = False, torch_options: Any = None, devices: Sequence[str] | None = None,
-                    cfg_parallel: bool = False, tile_workers: int = 0, ray_address: str | None = None,
-                    **kwargs: Any) -> Restorer:
+                    cfg_parallel: bool = False, **kwargs: Any) -> Restorer:
         """The whole pipeline on the tiny configuration with random weights: shows it runs end to end.
         **The output is not a restoration** (random networks produce noise-like images)."""
         from supir_rt.model.supir import build_model
 
         config = ModelConfig.tiny()
-        if tile_workers:
-            _join_ray(ray_address)
         dev, dt = check_device(devices[0] if devices else device), parse_dtype(dtype)
         _warn_precision(dev, dt)
         # auto: torch, or with engines_dir the engine backend whose artifacts there are usable
@@ -370,18 +213,33 @@ class Restorer:
             export_all(model, out, precision=dtype, progress=False, reuse=True)
             engines = _open_artifact_engines(backend, config, out, dtype)
             desc["engines_dir"] = str(out)
-        restorer = cls(engines, config, description=desc, **kwargs)
-        if tile_workers:
-            from supir_rt.tile_workers import WorkerRecipe
-
-            recipe = WorkerRecipe("tiny_random", dict(
-                seed=seed, device="cuda" if dev.type == "cuda" else "cpu", dtype=dtype, backend=backend,
-                engines_dir=None if engines_dir is None else str(engines_dir), vae_dtype=vae_dtype, offload=offload,
-                fp8_weights=fp8_weights, torch_options=torch_options, progress=False, max_pixels=None))
-            _attach_or_close(restorer, recipe, tile_workers, ray_address)
-        return restorer
+        return cls(engines, config, description=desc, **kwargs)
 
     # ------------------------------------------------------------------------------------- restoring
+
+    def plan(self, image: Image.Image | LoadedImage, config: RestoreConfig | None = None, *,
+             source: Path | None = None) -> RestorePlan:
+        """Sizes and tiling of restoring ``image`` with ``config``, checked before any work: size limits
+        and tiling settings raise `ImageError` here. Pass it to `restore` (nothing is planned twice; the
+        device's free memory is read once, here)."""
+        config = config or RestoreConfig()
+        loaded = image if isinstance(image, LoadedImage) else from_pil(image)
+        name = source or loaded.path or "image"
+        try:
+            sizes = processing_sizes(*loaded.size, config.upscale, config.min_size)
+        except UserError as err:  # too small for SUPIR: name the image
+            raise ImageError(f"{name}: {err}") from None
+        pw, ph = sizes.processing
+        if self.max_processing_pixels is not None and pw * ph > self.max_processing_pixels:
+            raise ImageError(
+                f"{name}: {loaded.size[0]}x{loaded.size[1]} at upscale {config.upscale} would be processed at "
+                f"{pw}x{ph} px, above the limit of {self.max_processing_pixels:,} pixels; lower --upscale, "
+                "downscale the input, or raise the limit (Restorer(max_processing_pixels=...))"
+            )
+        try:
+            return RestorePlan(sizes, self.pipeline.plan_tiling(sizes, config))
+        except TilingError as err:
+            raise ImageError(f"{name}: {err}") from None
 
     def restore(
         self,
@@ -391,45 +249,72 @@ class Restorer:
         caption: str | None = None,
         source: Path | None = None,
         callback: Callable[[StepInfo], None] | None = None,
+        plan: RestorePlan | None = None,
     ) -> Restored:
-        """Restore one image (a PIL image, a `LoadedImage` or a path). Alpha is kept."""
-        config = config or RestoreConfig()
-        if isinstance(image, (str, Path)):
-            source = Path(image)
-            loaded = load_image(image, max_pixels=self.max_pixels)
-        elif isinstance(image, LoadedImage):
-            loaded, source = image, source or image.path
-        elif isinstance(image, Image.Image):
-            loaded = from_pil(image)
-        else:
-            raise TypeError(f"restore() takes a PIL image, a LoadedImage or a path, got {type(image).__name__}")
-        for note in loaded.notes:
-            log.info("%s: %s", source or "image", note)
-        plan = self._check_size(loaded, config, source)
+        """Restore one image (a PIL image, a `LoadedImage` or a path). Alpha is kept. ``plan``: from
+        `plan` for this image and config (made here when not given)."""
+        return self.restore_many([Request(image, config or RestoreConfig(), caption, source)], callback=callback,
+                                 plan=plan)[0]
+
+    def restore_many(self, requests: Sequence[Request], *, callback: Callable[[StepInfo], None] | None = None,
+                     plan: RestorePlan | None = None) -> list[Restored]:
+        """Restore a batch of compatible requests (equal processing size and shared settings:
+        `supir_rt.batching.batch_key`) with one sampler loop; results in input order. ``request.image``
+        may be a PIL image, a `LoadedImage` or a path; alpha is kept."""
+        loaded, sources = [], []
+        for request in requests:
+            image, source = _load(request.image, request.source, self.max_pixels)
+            for note in image.notes:
+                log.info("%s: %s", source or "image", note)
+            loaded.append(image)
+            sources.append(source)
+        plan = plan or self.plan(loaded[0], requests[0].config, source=sources[0])
+        batch = [Request(image.rgb, request.config, request.caption, source)
+                 for image, request, source in zip(loaded, requests, sources)]
         progress = self._progress_for_call()
         token = progress.activate() if progress is not None else None
         try:
-            result = self.pipeline.run(loaded.rgb, config, caption=caption, captioner=self.captioner,
-                                       source=source, callback=callback, tiling=plan)
+            results = self.pipeline.run_batch(batch, captioner=self.captioner, callback=callback, tiling=plan.tiling)
         finally:
             if progress is not None:
                 progress.deactivate(token)
                 progress.clear()
-        out = Image.fromarray(result.image, "RGB")
-        if loaded.alpha is not None:
-            out.putalpha(loaded.alpha.resize(out.size, Image.Resampling.BICUBIC))
-        return Restored(image=out, result=result, metadata=self.metadata(result, source))
+        restored = []
+        for image, result, source in zip(loaded, results, sources):
+            out = Image.fromarray(result.image, "RGB")
+            if image.alpha is not None:
+                out.putalpha(image.alpha.resize(out.size, Image.Resampling.BICUBIC))
+            restored.append(Restored(image=out, result=result, metadata=self.metadata(result, source)))
+        return restored
+
+    def caption(self, image: Image.Image | LoadedImage, config: RestoreConfig | None = None, *,
+                source: Path | None = None) -> str:
+        """The captioner's caption of ``image`` ("" without a captioner)."""
+        loaded, source = _load(image, source, self.max_pixels)
+        with torch.no_grad():
+            return self.pipeline.caption(loaded.rgb, config or RestoreConfig(), self.captioner, source)
+
+    def prompt_warnings(self, caption: str, a_prompt: str, n_prompt: str = "", *,
+                        quality_first: bool = False) -> tuple[str | None, str | None]:
+        """(positive, negative): what CLIP's 77-token window cuts of the joined prompt and of the negative
+        prompt, or None where nothing is cut."""
+        tokenizer = self.pipeline.tokenizer
+        prompt = join_prompt(caption or "", a_prompt or "", quality_first=bool(quality_first))
+        return (check_truncation(prompt, tokenizer, quality_prompt=a_prompt or None),
+                check_truncation(n_prompt or "", tokenizer))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the diffusion networks run."""
+        return self.pipeline.device
 
     def stage1_image(self, image: Image.Image | LoadedImage, config: RestoreConfig | None = None) -> Image.Image:
         """The stage-1 image (degradation-robust encoder, then the VAE decoder) at the output size: what
         the colour fix uses as reference and, at short side 512, what an image captioner looks at."""
-        from supir_rt.pipeline import postprocess, preprocess, processing_sizes, stage1
-
         config = config or RestoreConfig()
         loaded = image if isinstance(image, LoadedImage) else from_pil(image)
-        self._check_size(loaded, config, loaded.path)
-        sizes = processing_sizes(*loaded.size, config.upscale, config.min_size)
-        with torch.inference_mode():
+        sizes = self.plan(loaded, config).sizes
+        with torch.no_grad():
             first = stage1(self.engines, preprocess(loaded.rgb, sizes).to(self.pipeline.device))
             return Image.fromarray(postprocess(first.image, sizes.output), "RGB")
 
@@ -478,44 +363,10 @@ class Restorer:
             return progress if progress.display else None  # nothing to show: no per-step callback
         return None
 
-    def _check_size(self, loaded: LoadedImage, config: RestoreConfig, source: Path | None) -> TilingPlan:
-        """Size limits and the tiling plan, checked before any work (bad tiling settings raise here)."""
-        from supir_rt.pipeline import processing_sizes
-
-        name = source or "image"
-        try:
-            sizes = processing_sizes(*loaded.size, config.upscale, config.min_size)
-        except UserError as err:  # too small for SUPIR: name the image
-            raise ImageError(f"{name}: {err}") from None
-        pw, ph = sizes.processing
-        if self.max_processing_pixels is not None and pw * ph > self.max_processing_pixels:
-            raise ImageError(
-                f"{name}: {loaded.size[0]}x{loaded.size[1]} at upscale {config.upscale} would be processed at "
-                f"{pw}x{ph} px, above the limit of {self.max_processing_pixels:,} pixels; lower --upscale, "
-                "downscale the input, or raise the limit (Restorer(max_processing_pixels=...))"
-            )
-        try:
-            return self.pipeline.plan_tiling(sizes, config)
-        except TilingError as err:
-            raise ImageError(f"{name}: {err}") from None
-
     # ------------------------------------------------------------------------------------- lifecycle
 
-    def attach_tile_workers(self, recipe: Any, workers: int, ray_address: str | None = None) -> None:
-        """Run the tiled sampler steps on ``workers`` Ray actors built from ``recipe`` (a
-        `supir_rt.tile_workers.WorkerRecipe`: the constructor and options this restorer was made with).
-        Joins the Ray cluster at ``ray_address`` (None: a local Ray), starts the workers and checks
-        them against this restorer's ``unet_adaptor`` before any restore; untiled restores stay local."""
-        from supir_rt.tile_workers import TilePool, connect_ray, engine_identity
-
-        connect_ray(ray_address)
-        gpu = str(recipe.kwargs.get("device", "cpu")).startswith("cuda")
-        self.pipeline.tile_pool = TilePool(recipe, workers, expected=engine_identity(self.engines["unet_adaptor"]),
-                                           num_gpus=1 if gpu else 0)
-        self.description.update({"tile_workers": workers, "ray_address": ray_address or "local"})
-
     def close(self) -> None:
-        if self.pipeline.tile_pool is not None:
+        if self.pipeline.tile_pool is not None:  # tile workers (`supir_rt.tile_workers.attach_tile_workers`)
             self.pipeline.tile_pool.close()
             self.pipeline.tile_pool = None
         for engine in self.engines.values():
@@ -530,128 +381,19 @@ class Restorer:
         self.close()
 
 
-def _loading_plan(plan: Any, fp8_weights: bool) -> Any:
-    """Where to load the weights: the plan itself, except that with fp8 weights the UNet + adaptor is
-    loaded on the host (fp16, unpinned: host RAM then holds about the fp16 weights, 1.0x) and quantised
-    there before it goes to the GPU, so a GPU that fits the fp8 UNet but not the fp16 one can load it."""
-    from supir_rt.backends.placement import MemoryPlan, NetworkPlacement
-
-    if not fp8_weights or plan.device.type == "cpu":
-        return plan
-    unet = plan.networks["unet_adaptor"]
-    return MemoryPlan(plan.device, {**plan.networks, "unet_adaptor": NetworkPlacement(unet.dtype, resident=False)})
-
-
-def _quantize_and_place(model: torch.nn.Module, plan: Any) -> None:
-    from supir_rt.backends.fp8 import quantize_fp8_
-
-    from supir_rt.backends.placement import NETWORK_PARTS, pin_host_memory
-
-    quantize_fp8_(model.model)
-    model.model.to(plan.home("unet_adaptor"))  # a device move only: a dtype cast would upcast the fp8 buffers
-    if plan.device.type == "cuda":
-        for name, parts in NETWORK_PARTS.items():
-            if not plan.networks[name].resident:
-                for part in parts:
-                    pin_host_memory(model.get_submodule(part))
-
-
-def _open_torch(model: torch.nn.Module, plan: Any, options: Any, fp8_weights: bool) -> dict[str, Engine]:
-    if fp8_weights:
-        from supir_rt.backends.fp8 import quantize_fp8_
-
-        quantize_fp8_(model.model)  # after every cast: the fp8 buffers must not be upcast again
-    return open_engines("torch", model=model, plan=plan, options=options)
-
-
-def _torch_description(plan: Any, options: Any, fp8_weights: bool) -> dict[str, Any]:
-    """What the outputs' metadata records about the torch backend's precision and speed options."""
-    def name(dt: torch.dtype) -> str:
-        return next(k for k, v in DTYPES.items() if v == dt)
-
-    desc = {"vae_dtype": name(plan.networks["vae_decoder"].dtype),
-            "text_dtype": name(plan.networks["text_encoders"].dtype),
-            "offload": not plan.networks["vae_decoder"].resident}
-    if fp8_weights:
-        desc["fp8_weights"] = True
-    if options is not None and options.compile:
-        desc["compile"] = options.compile_mode
-    return desc
-
-
-def tiny_engines_cache() -> Path:
-    """Where ``tiny_random`` exports its ONNX engines when no folder is given (reused across runs)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "supir-rt" / "tiny-random-engines"
-
-
-def _pick_backend(backend: str, engines_dir: str | Path | None, device: str | torch.device,
-                  config: ModelConfig | None = None, dtype: str | None = None) -> str:
-    """``auto``: the torch backend when there are no exported engines, else the fastest available whose
-    artifacts in `engines_dir` are usable here (TensorRT only with valid plans for this GPU)."""
-    from supir_rt.backends import available_backends, resolve_backend
-
-    if backend == "auto" and engines_dir is None:
-        return "torch"
-    artifacts = (None if engines_dir is None or config is None or dtype is None
-                 else {"artifact_dir": engines_dir, "config": config, "precision": dtype})
-    try:
-        return resolve_backend(backend, needs_artifacts=engines_dir is not None, artifacts=artifacts)
-    except (RuntimeError, ValueError) as err:
-        status = available_backends()
-        usable = ", ".join(name for name, reason in status.items() if reason is None)
-        if status.get(backend) is not None:
-            raise SetupError(f"--backend {backend} is not available here ({status[backend]}); "
-                             f"usable here: {usable}") from None
-        if backend != "auto" and backend not in status:
-            raise SetupError(f"--backend {backend}: unknown backend; usable here: {usable}") from None
-        raise SetupError(f"--backend {backend}: {err}") from None
-
-
-def _check_engine_dtype(dtype: str) -> None:
-    from supir_rt.backends.manifest import PRECISIONS
-
-    if dtype not in PRECISIONS:
-        raise SetupError(f"--dtype {dtype}: exported engines are built as {' or '.join(PRECISIONS)}; "
-                         f"pass --dtype {PRECISIONS[0]} or --dtype {PRECISIONS[1]} with an engine backend")
-
-
-def _refuse_foreign_engines(engines_dir: Path, config: ModelConfig) -> None:
-    """`tiny_random` exports into ``engines_dir``, replacing what does not match: refuse a folder that
-    holds engines of another model (e.g. built from the real checkpoints) instead of overwriting them."""
-    import json
-
-    for manifest in sorted(engines_dir.glob("*.json")) if engines_dir.is_dir() else ():
-        try:
-            name = json.loads(manifest.read_text()).get("config_name")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if name is not None and name != config.name:
-            raise SetupError(
-                f"--engines-dir {engines_dir} holds engines of the {name!r} model ({manifest.name}); "
-                f"--tiny-random would overwrite them: give it another --engines-dir, or drop --tiny-random"
-            )
-
-
-def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str | Path | None,
-                           dtype: str) -> dict[str, Engine]:
-    if engines_dir is None:
-        raise SetupError(
-            f"backend {backend!r} runs exported engines: pass --engines-dir DIR (build them with "
-            "python export/build_engines.py), or use --backend torch with the checkpoint files"
-        )
-    if not Path(engines_dir).is_dir():
-        raise SetupError(f"engines folder {engines_dir} does not exist; build the engines first or fix --engines-dir")
-    from supir_rt.backends.manifest import ArtifactError
-
-    _check_engine_dtype(dtype)
-    try:
-        return open_engines(backend, config=config, artifact_dir=engines_dir, precision=dtype)
-    except ArtifactError as err:  # missing, stale or foreign artifacts: the message names the fix
-        raise SetupError(f"--engines-dir {engines_dir}: {err}") from None
+def _load(image: Image.Image | LoadedImage | str | Path, source: Path | None,
+          max_pixels: int | None) -> tuple[LoadedImage, Path | None]:
+    """A request's image as a `LoadedImage`, and the file it came from."""
+    if isinstance(image, (str, Path)):
+        return load_image(image, max_pixels=max_pixels), Path(image)
+    if isinstance(image, LoadedImage):
+        return image, source or image.path
+    if isinstance(image, Image.Image):
+        return from_pil(image), source
+    raise TypeError(f"restore() takes a PIL image, a LoadedImage or a path, got {type(image).__name__}")
 
 
 __all__ = [
-    "DTYPES", "Restored", "Restorer", "SDXL_FILE", "SUPIR_FILES", "SetupError",
+    "DTYPES", "Request", "RestorePlan", "Restored", "Restorer", "SDXL_FILE", "SUPIR_FILES", "SetupError",
     "check_device", "parse_dtype",
 ]

@@ -19,6 +19,11 @@ class UserError(ValueError):
     """A bad option, input or setup; the message says what and how to fix it."""
 
 
+class SetupError(UserError):
+    """The runtime cannot be set up as asked (device, dtype, backend, engines, weights); the message says
+    how to fix it."""
+
+
 class SettingError(UserError):
     """A bad value for the restore setting ``field``; ``fix`` says which values are accepted."""
 
@@ -35,4 +40,4 @@ class SettingError(UserError):
         return f"{flag} {value}: {self.fix}"
 
 
-__all__ = ["SettingError", "UserError"]
+__all__ = ["SettingError", "SetupError", "UserError"]

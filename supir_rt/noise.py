@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from supir_rt import cuda_runtime
+
 
 class NoiseSource:
     """Seeded generators for the posterior sample (CPU) and the sampler noise (``device``).
@@ -31,12 +33,12 @@ class NoiseSource:
 
     def __init__(self, seed: int, device: str | torch.device = "cpu") -> None:
         self.seed = seed
-        self.device = torch.device(device)
+        self.device = cuda_runtime.normalize_device(device)
         self.cpu_generator = torch.Generator("cpu").manual_seed(seed)
         if self.device.type == "cpu":
             self.device_generator = self.cpu_generator
         else:
-            self.device_generator = torch.Generator(self.device).manual_seed(seed)
+            self.device_generator = cuda_runtime.generator(self.device, seed)
 
     def posterior(
         self, shape: Sequence[int], *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32

@@ -29,6 +29,13 @@ SAMPLERS: tuple[str, ...] = ("edm", "dpmpp2m-sde")
 ``restore_cfg``, ``s_churn`` and the linear control scale."""
 
 
+# Settings each request of a batch may choose for itself: they act before or after the sampler loop (seed,
+# prompts, output size, colour fix). Every other field is shared by a batch (`supir_rt.pipeline.check_batch`).
+PER_REQUEST_FIELDS = frozenset({
+    "seed", "upscale", "min_size", "color_fix_type", "a_prompt", "n_prompt", "quality_first",
+})
+
+
 @dataclass(frozen=True)
 class RestoreConfig:
     """Everything that decides one restoration, besides the weights and the image.
@@ -150,6 +157,6 @@ def restore_preset(name: str) -> RestoreConfig:
 
 
 __all__ = [
-    "COLOR_FIXES", "ColorFix", "OFFICIAL", "RESTORE_PRESETS", "RestoreConfig", "SAMPLERS", "Sampler", "TILINGS",
+    "COLOR_FIXES", "ColorFix", "OFFICIAL", "PER_REQUEST_FIELDS", "RESTORE_PRESETS", "RestoreConfig", "SAMPLERS", "Sampler", "TILINGS",
     "Tiling", "VAE_TILING_MODES", "VAETilingMode", "normalise_color_fix", "restore_preset",
 ]

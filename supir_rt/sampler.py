@@ -101,9 +101,11 @@ def sample_restore_edm(
     s_noise: float,
     noise: NoiseFn,
     restore_sigma_max: float = OFFICIAL_SIGMA_MAX,
+    noise_every_step: bool = False,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> torch.Tensor:
-    """Restoration-guided EDM sampling, SUPIR `RestoreEDMSampler`.
+    """Restoration-guided EDM sampling, SUPIR `RestoreEDMSampler` (and, over a `TiledDenoiser` with
+    ``noise_every_step=True``, `TiledRestoreEDMSampler`).
 
     ``x`` is the initial latent already scaled by `initial_latent`; ``sigmas`` holds N+1 descending values
     ending in 0 (`restore_sigmas`). For k = 0..N−1:
@@ -116,7 +118,8 @@ def sample_restore_edm(
     5. Euler: x ← x + (σ_{k+1} − σ̂)·(x − D)/σ̂, with the un-snapped σ̂. No Heun correction.
 
     After the last step x is the final D. ``restore_cfg <= 0`` disables guidance and then ``x_center``
-    may be None.
+    may be None. ``noise_every_step``: draw the churn noise every step, also when γ = 0 (and then not
+    use it), which is the random stream of the official tiled sampler.
     """
     if restore_cfg > 0 and x_center is None:
         raise ValueError(f"restore_cfg={restore_cfg} > 0 needs x_center")
@@ -127,9 +130,10 @@ def sample_restore_edm(
         sigma, sigma_next = sigmas[k] * s_in, sigmas[k + 1]  # (B,), 0-dim
         gamma = min(s_churn / total, 2**0.5 - 1) if s_tmin <= sigma_values[k] <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1.0)  # (B,)
-        if gamma > 0:
+        if gamma > 0 or noise_every_step:
             eps = noise(x) * s_noise
-            x = x + eps * append_dims(sigma_hat**2 - sigma**2, x.ndim) ** 0.5
+            if gamma > 0:
+                x = x + eps * append_dims(sigma_hat**2 - sigma**2, x.ndim) ** 0.5
         denoised = denoise(x, sigma_hat, sigma)
         k_t = 0.0
         if sigma_values[k + 1] > restore_cfg_s_tmin and restore_cfg > 0:

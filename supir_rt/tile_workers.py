@@ -9,19 +9,19 @@ Pieces:
 * `WorkerRecipe`: how a worker builds its ``unet_adaptor`` engine: the same `Restorer` constructor and
   options the driver used (``tiny_random`` with its seed, ``from_weights``, ``from_engines``), so a
   worker runs exactly the driver's network, on its own device and backend;
-* `TileWorker`: the actor. It holds one engine; `setup` receives the text conditioning (positive and
-  negative), the guidance schedules and the σ table **once per restore**; `denoise` then receives per
-  batch only that batch's tiles (x tiles, σ̂, σ; the control-latent crops by reference, transferred
-  once per node and restore) and returns the guided denoised tiles ``D`` (CFG applied on the worker:
-  half the bytes of returning the ``2B`` eps);
+* `TileWorker`: the actor. It holds one engine; `setup` receives one restore's `TiledDenoiser` state
+  **once** (the per-batch text conditioning and control-latent tiles, through Ray's object store: each
+  node fetches them once; the guidance schedules; the σ table); `denoise` then receives per batch only
+  that batch's x tiles and the step's σ̂, σ, and returns the guided denoised tiles ``D`` computed by
+  `TiledDenoiser.denoise_batch` itself (CFG applied on the worker: half the bytes of the ``2B`` eps);
 * `TilePool`: the driver's handle on N workers. Before the first step it compares every worker's
   `engine_identity` (weights hash, runtime version, backend, dtype) with the driver's and refuses a
-  mismatch with one clear error; a Ray address that does not answer is one clear error too;
-* `ShardedTileDenoiser`: a `TileDenoiser` (``(x_tiles, σ̂, σ, lq_tiles) -> D``) whose `iter_tiles`
-  takes all the tile batches of a step, deals them round-robin to the workers, and returns the D's in
-  the order it was given them (the window order), so the driver blends exactly as a single process
-  does (float64 weights, window order). Restoration guidance (x_center) and the Euler/DPM++ update are
-  elementwise and stay on the driver: x_center crops never travel.
+  mismatch with one clear error; a Ray address that does not answer is one clear error too. It is the
+  `TiledDenoiser`'s ``runner``: `bind` sends a restore's state, and `ShardedTiles.iter_tiles` takes all
+  the tile batches of a step, deals them round-robin to the workers, and yields the D's in window
+  order, so the driver blends exactly as a single process does (float64 weights, window order).
+  Restoration guidance (x_center) and the sampler update are elementwise and stay on the driver:
+  x_center crops never travel.
 
 Failure: an actor that dies mid-restore (its process or machine is gone) has its batches of the
 current step re-run on the surviving workers, and it receives nothing more; the result is the same
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ import torch
 from supir_rt.backends import Engine
 from supir_rt.denoiser import ControlScale, EpsDenoiser, LinearCFG
 from supir_rt.errors import UserError
+from supir_rt.tiling.denoiser import TiledDenoiser
 
 log = logging.getLogger(__name__)
 
@@ -98,48 +99,62 @@ def engine_identity(engine: Engine) -> dict[str, str]:
             "dtype": str(dtype).removeprefix("torch.")}
 
 
+class _WorkerTiles:
+    """A worker's copy of the driver's `TiledDenoiser` state for one restore (per-batch text conditioning
+    and control-latent tiles, schedules) over the worker's own network; `denoise_batch` is the driver's
+    own method, so a batch is computed by the same code on both sides."""
+
+    def __init__(self, model: Any, batches: Sequence[Sequence[Any]], text: Sequence[Mapping[str, torch.Tensor]],
+                 lq_tiles: Sequence[torch.Tensor], cfg: LinearCFG, control: ControlScale) -> None:
+        self.model, self.batches, self.text, self.lq_tiles, self.cfg, self.control = (
+            model, batches, text, lq_tiles, cfg, control)
+
+    def scales(self, sigma_hat: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cfg(sigma_hat), self.control(sigma)
+
+    denoise_batch = TiledDenoiser.denoise_batch
+
+
 class TileWorker:
-    """One tile worker: a ``unet_adaptor`` engine and, per restore, the guided tile denoiser over it.
-    Used as a Ray actor (`TilePool` wraps it); a plain object in single-process tests."""
+    """One tile worker: a ``unet_adaptor`` engine and, per restore, the tile batches' conditioning.
+    Used as a Ray actor (`TilePool` wraps it)."""
 
     def __init__(self, recipe: WorkerRecipe) -> None:
         self.restorer, self.engine = recipe.open_unet()
         self._identity: dict[str, str] | None = None
-        self._setups: dict[int, Any] = {}
+        self._setups: dict[int, _WorkerTiles] = {}
 
     def identity(self) -> dict[str, str]:
         if self._identity is None:
             self._identity = engine_identity(self.engine)
         return self._identity
 
-    def setup(self, key: int, cond: Mapping[str, torch.Tensor], uncond: Mapping[str, torch.Tensor], cfg: LinearCFG,
-              control: ControlScale, table: torch.Tensor) -> None:
-        """The once-per-restore part: text conditioning, guidance schedules, the σ table."""
-        from supir_rt.pipeline import engine_network
-        from supir_rt.tiling import TileGuidedDenoiser
+    @property
+    def device(self) -> torch.device:
+        return torch.device(getattr(self.engine, "device", "cpu"))
 
-        device = torch.device(getattr(self.engine, "device", "cpu"))
-        move = {k: v.to(device) for k, v in cond.items()}, {k: v.to(device) for k, v in uncond.items()}
-        network = EpsDenoiser(engine_network(self.engine), table.to(device))
+    def setup(self, key: int, batches: Sequence[Sequence[Any]], text: Sequence[Mapping[str, torch.Tensor]],
+              lq_tiles: Sequence[torch.Tensor], cfg: LinearCFG, control: ControlScale, table: torch.Tensor) -> None:
+        """The once-per-restore part: per-batch text conditioning and control-latent tiles, schedules."""
+        from supir_rt.stages import engine_network
+
+        dev = self.device
+        text = [{k: v.to(dev) for k, v in t.items()} for t in text]
+        lq_tiles = [t.to(dev) for t in lq_tiles]
+        network = EpsDenoiser(engine_network(self.engine), table.to(dev))
         self._setups = {k: v for k, v in self._setups.items() if k > key - 4}  # a few restores at once at most
-        self._setups[key] = TileGuidedDenoiser(network, *move, cfg, control)
+        self._setups[key] = _WorkerTiles(network, batches, text, lq_tiles, cfg, control)
 
     @torch.no_grad()
-    def denoise(self, key: int, x: torch.Tensor, sigma_hat: torch.Tensor, sigma: torch.Tensor,
-                lq: torch.Tensor) -> torch.Tensor:
-        denoise = self._setups[key]
-        device = torch.device(getattr(self.engine, "device", "cpu"))
-        out = denoise(x.to(device), sigma_hat.to(device), sigma.to(device), lq.to(device))
-        return out.cpu() if out.device.type != "cpu" else out.clone()
+    def denoise(self, key: int, j: int, xt: torch.Tensor, sigma_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        dev = self.device
+        out = self._setups[key].denoise_batch(j, xt.to(dev), sigma_hat.to(dev), sigma.to(dev))
+        return out.cpu() if out.device.type != "cpu" else out
 
 
 # --------------------------------------------------------------------------------------------------
 # the driver side
 # --------------------------------------------------------------------------------------------------
-
-
-TileBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-"""One batch of tiles as the tiled samplers call the network: (x_tiles, σ̂, σ, lq_tiles)."""
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -217,18 +232,19 @@ class TilePool:
                                       "give every node the same weights/engines and supir-rt version")
         self.identity = reference
 
-    def denoiser(self, cond: Mapping[str, torch.Tensor], uncond: Mapping[str, torch.Tensor], cfg: LinearCFG,
-                 control: ControlScale, table: torch.Tensor) -> ShardedTileDenoiser:
-        """The tile denoiser of one restore: sends the text conditioning to every worker once."""
+    def bind(self, denoiser: Any) -> ShardedTiles:
+        """Give the workers one restore's `TiledDenoiser` state (its per-batch text conditioning and
+        control-latent tiles, via Ray's object store: each node fetches them once) and return the
+        runner its steps call (`ShardedTiles.iter_tiles`)."""
         import ray
 
         key = next(self._keys)
-        text = ({k: v.cpu() for k, v in cond.items() if k != "control"},
-                {k: v.cpu() for k, v in uncond.items() if k != "control"})
-        refs = [ray.put(t) for t in text]
+        refs = (ray.put([{k: v.cpu() for k, v in t.items()} for t in denoiser.text]),
+                ray.put([t.cpu() for t in denoiser.lq_tiles]))
+        table = denoiser.model.sigmas.cpu()
         for i in self.alive:
-            self.actors[i].setup.remote(key, *refs, cfg, control, table.cpu())
-        return ShardedTileDenoiser(self, key, cfg, control)
+            self.actors[i].setup.remote(key, denoiser.batches, *refs, denoiser.cfg, denoiser.control, table)
+        return ShardedTiles(self, key)
 
     def close(self) -> None:
         import ray
@@ -247,39 +263,31 @@ class TilePool:
         self.close()
 
 
-class ShardedTileDenoiser:
-    """A `TileDenoiser` over a `TilePool`: `iter_tiles` deals a step's tile batches to the workers."""
+class ShardedTiles:
+    """The tile batches of one restore's steps on a `TilePool`'s workers."""
 
-    def __init__(self, pool: TilePool, key: int, cfg: LinearCFG, control: ControlScale) -> None:
-        self.pool, self.key, self.cfg, self.control = pool, key, cfg, control
+    def __init__(self, pool: TilePool, key: int) -> None:
+        self.pool, self.key = pool, key
         self.batches_sent: list[int] = [0] * len(pool.actors)  # per worker, for tests and the benchmark
         self.retried = 0
-        self._lq_refs: list[Any] = []
 
-    def scales(self, sigma_hat: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cfg(sigma_hat), self.control(sigma)
+    def run_tiles(self, x_tiles: Sequence[torch.Tensor], sigma_hat: torch.Tensor,
+                  sigma: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.iter_tiles(x_tiles, sigma_hat, sigma))
 
-    def __call__(self, x: torch.Tensor, sigma_hat: torch.Tensor, sigma: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        return next(iter(self.iter_tiles([(x, sigma_hat, sigma, lq)])))
-
-    def run_tiles(self, batches: Sequence[TileBatch]) -> list[torch.Tensor]:
-        return list(self.iter_tiles(batches))
-
-    def iter_tiles(self, batches: Sequence[TileBatch]) -> Iterator[torch.Tensor]:
-        """D of every batch, yielded in the order given. Batch j goes to the j-th live worker round-robin;
-        all are submitted before the first result is awaited. When a worker turns out dead, every batch it
-        still owes is re-submitted round-robin to the live ones."""
+    def iter_tiles(self, x_tiles: Sequence[torch.Tensor], sigma_hat: torch.Tensor,
+                   sigma: torch.Tensor) -> Iterator[torch.Tensor]:
+        """D of batch j (``x_tiles[j]``), yielded in order. Batch j goes to the j-th live worker
+        round-robin; all are submitted before the first result is awaited. When a worker turns out dead,
+        every batch it still owes is re-submitted round-robin to the live ones."""
         import ray
         from ray.exceptions import RayActorError
 
-        if not batches:
+        if not x_tiles:
             return
-        device = batches[0][0].device
-        # the control-latent crops of batch j are the same every step: put in Ray's object store once and
-        # passed by reference (a node fetches an object once and keeps it while it is referenced)
-        if len(self._lq_refs) != len(batches):
-            self._lq_refs = [ray.put(b[3].cpu()) for b in batches]
-        cpu = [(*(t.cpu() for t in b[:3]), ref) for b, ref in zip(batches, self._lq_refs)]
+        device = x_tiles[0].device
+        sigmas = sigma_hat.cpu(), sigma.cpu()
+        cpu = [t.cpu() for t in x_tiles]
         owner: dict[int, tuple[int, Any]] = {}
 
         def submit(indices: Sequence[int]) -> None:
@@ -289,11 +297,11 @@ class ShardedTileDenoiser:
                                       "was written. Check the workers' nodes (memory, GPU errors) and run it again")
             for n, j in enumerate(indices):
                 w = alive[n % len(alive)]
-                owner[j] = (w, self.pool.actors[w].denoise.remote(self.key, *cpu[j]))
+                owner[j] = (w, self.pool.actors[w].denoise.remote(self.key, j, cpu[j], *sigmas))
                 self.batches_sent[w] += 1
 
-        submit(range(len(batches)))
-        for j in range(len(batches)):
+        submit(range(len(cpu)))
+        for j in range(len(cpu)):
             while True:
                 w, ref = owner[j]
                 try:
@@ -303,23 +311,28 @@ class ShardedTileDenoiser:
                     if w in self.pool.alive:
                         self.pool.alive.remove(w)
                         log.warning("tile worker %d died; its tiles run on the %d others", w, len(self.pool.alive))
-                    owed = [i for i in range(j, len(batches)) if owner[i][0] not in self.pool.alive]
+                    owed = [i for i in range(j, len(cpu)) if owner[i][0] not in self.pool.alive]
                     self.retried += len(owed)
                     submit(owed)
             yield out.to(device)
 
 
-def iter_tiles(denoise: Callable[..., torch.Tensor], batches: Sequence[TileBatch]) -> Iterator[torch.Tensor]:
-    """D of every tile batch, in order: the denoiser's own `iter_tiles` when it shards them (all batches of
-    a step submitted at once), else one call per batch as the results are consumed (so a single process
-    runs and blends batch by batch, as before)."""
-    many = getattr(denoise, "iter_tiles", None)
-    if many is not None:
-        yield from many(batches)
-        return
-    for b in batches:
-        yield denoise(*b)
+def attach_tile_workers(restorer: Any, recipe: WorkerRecipe, workers: int, ray_address: str | None = None) -> None:
+    """Run ``restorer``'s tiled sampler steps on ``workers`` Ray actors built from ``recipe`` (the
+    constructor and options the restorer was made with). Joins the Ray cluster at ``ray_address``
+    (None: a local Ray), starts the workers and checks them against the restorer's ``unet_adaptor``
+    before any restore; untiled restores stay local. The restorer's `close` closes the pool. On failure
+    the restorer is closed and the `TileWorkerError` raised."""
+    try:
+        connect_ray(ray_address)
+        gpu = str(recipe.kwargs.get("device", "cpu")).startswith("cuda")
+        restorer.pipeline.tile_pool = TilePool(recipe, workers, expected=engine_identity(restorer.engines["unet_adaptor"]),
+                                               num_gpus=1 if gpu else 0)
+    except BaseException:
+        restorer.close()
+        raise
+    restorer.description.update({"tile_workers": workers, "ray_address": ray_address or "local"})
 
 
-__all__ = ["ShardedTileDenoiser", "TileBatch", "TilePool", "TileWorker", "TileWorkerError", "WorkerRecipe",
-           "connect_ray", "engine_identity", "iter_tiles"]
+__all__ = ["ShardedTiles", "TilePool", "TileWorker", "TileWorkerError", "WorkerRecipe", "attach_tile_workers",
+           "connect_ray", "engine_identity"]

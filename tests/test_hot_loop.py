@@ -79,7 +79,7 @@ def test_the_counter_sees_a_read_when_a_callback_asks_for_values(restorer, monke
 
 
 def test_the_unet_feed_is_validated_once_and_constant_inputs_converted_once(monkeypatch):
-    import supir_rt.backends as backends
+    import supir_rt.backends.base as backends
 
     validated = Counter()
     real_validate = backends.validate_feed

@@ -29,7 +29,7 @@ from supir_rt.restore_config import RestoreConfig
 from supir_rt.tokenizer import load_tokenizer
 
 from formulas import ddpm_sigma_table, direct_wavelet_fix, sinusoid
-from test_pipeline import gradient_image, toy_engines
+from toys import gradient_image, toy_engines
 
 SIGMA_MAX_LITERAL = 14.6146  # the official sampler's and guider's hard-coded σ_max
 
@@ -163,7 +163,7 @@ def test_cli_reference_example_equals_the_independent_composition(tmp_path, monk
     config = ModelConfig.tiny()
     engines, _ = toy_engines(config)
     fns = {name: engine.fn for name, engine in engines.items()}
-    monkeypatch.setattr(cli, "build_restorer", lambda args, file_cfg: Restorer(engines, config, progress=False))
+    monkeypatch.setattr("supir_rt.cli.restore.build_restorer", lambda args, file_cfg: Restorer(engines, config, progress=False))
     src = tmp_path / "in.png"
     gradient_image(300, 400).save(src)
     code, err = _cli(["restore", src, "-o", tmp_path / "out.png", "--steps", 2, "--seed", 5, "--cfg", 5.5,

@@ -19,13 +19,12 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+import toys
 
 from supir_rt import cli
 from supir_rt.api import Restorer
-from supir_rt.backends import EngineBase
-from supir_rt.backends.specs import network_specs
 from supir_rt.config import ModelConfig
 from supir_rt.errors import SettingError, UserError
 from supir_rt.images import read_metadata
@@ -35,40 +34,15 @@ from supir_rt.restore_config import RESTORE_PRESETS, RestoreConfig, restore_pres
 A, B, C = 0.45, 0.3, 0.2  # toy UNet: eps = A·x_in + B·control_scale·lq_latent + C·mean(context)
 
 
-class Recorder(EngineBase):
-    backend = "toy"
-
-    def __init__(self, spec, fn, log) -> None:
-        super().__init__(spec, "cpu")
-        self.fn, self.log = fn, log
-
-    def _run(self, feed):
-        self.log[self.spec.name].append({k: v.clone() for k, v in feed.items()})
-        return self.fn(**feed)
-
-
 def toy_engines():
-    config = ModelConfig.tiny()
-    specs = network_specs(config)
-    ctx = config.network_config.context_dim
-    proj = config.conditioner_config.bigg.projection_dim
+    """The shared toy engines with this file's closed-form UNet, every feed logged."""
     log = defaultdict(list)
 
-    def pool(image):
-        p = F.avg_pool2d(image, 8)
-        return torch.cat([p, p.mean(1, keepdim=True)], 1)
+    def unet(x_in, timesteps, context, vector, lq_latent, control_scale):
+        return {"eps": A * x_in + B * control_scale * lq_latent + C * context.mean((1, 2)).reshape(-1, 1, 1, 1)}
 
-    fns = {
-        "dr_encoder": lambda image: {"latent": pool(image) * 0.5},
-        "vae_encoder": lambda image: {"moments": torch.cat([pool(image) * 0.4, torch.full_like(pool(image), -3.0)], 1)},
-        "vae_decoder": lambda latent: {"image": torch.tanh(F.interpolate(latent[:, :3], scale_factor=8))},
-        "text_encoders": lambda clip_l_ids, bigg_ids: {
-            "crossattn": torch.sin(clip_l_ids[..., None].float() * 0.01 + torch.arange(ctx) * 0.1),
-            "pooled": torch.cos(bigg_ids.float().mean(1, keepdim=True) * 0.01 + torch.arange(proj) * 0.2)},
-        "unet_adaptor": lambda x_in, timesteps, context, vector, lq_latent, control_scale: {
-            "eps": A * x_in + B * control_scale * lq_latent + C * context.mean((1, 2)).reshape(-1, 1, 1, 1)},
-    }
-    return {name: Recorder(specs[name], fn, log) for name, fn in fns.items()}, log
+    engines, _ = toys.toy_engines(unet=unet, log=log)
+    return engines, log
 
 
 def image(w=48, h=40) -> Image.Image:
@@ -183,7 +157,7 @@ def test_cli_sampler_reaches_the_run_and_the_metadata(tmp_path, monkeypatch, cap
         runs.append(log)
         return Restorer(engines, ModelConfig.tiny())
 
-    monkeypatch.setattr(cli, "build_restorer", build)
+    monkeypatch.setattr("supir_rt.cli.restore.build_restorer", build)
     src = tmp_path / "in.png"
     image().save(src)
     code = cli.main(["restore", str(src), "-o", str(tmp_path / "out.png"), "--min-size", "64", "-q", *flags])

@@ -1,7 +1,7 @@
 """Tile-parallel sampling over Ray actors (`supir_rt.tile_workers`) on a local Ray (127.0.0.1, 2 CPUs).
 
-The expected latent is the single-process tiled sampler's (`pipeline.sample` with the local
-`TileGuidedDenoiser`). Each worker builds its own engine from the same recipe (tiny-random, seed 0) and
+The expected latent is the single-process tiled sampler's (`stages.sample` over the local
+`TiledDenoiser`). Each worker builds its own engine from the same recipe (tiny-random, seed 0) and
 receives exactly the tile batches the single process runs (`tile_batch` tiles per call), so every
 batch is the same computation on the same weights: the latents must be bitwise equal (max abs
 difference 0). The driver runs with one intra-op thread here, as the Ray workers do (Ray sets
@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from supir_rt.memory import TilingPlan
+from supir_rt.tiling.policy import TilingPlan
 from supir_rt.noise import NoiseSource
 from supir_rt.restore_config import RestoreConfig
 from supir_rt.tile_workers import TilePool, TileWorkerError, WorkerRecipe, engine_identity
@@ -56,14 +56,14 @@ def one_thread():
 def _inputs(restorer):
     g = torch.Generator().manual_seed(7)
     control, x_center = torch.randn(1, 4, 24, 24, generator=g), torch.randn(1, 4, 24, 24, generator=g)
-    from supir_rt.pipeline import prepare_condition
+    from supir_rt.stages import prepare_condition
 
     cond, uncond = prepare_condition(restorer.pipeline.embed("a photo"), restorer.pipeline.embed("blurry"), control)
     return cond, uncond, x_center
 
 
 def _sample(restorer, config, pool=None, callback=None):
-    from supir_rt.pipeline import sample
+    from supir_rt.stages import sample
 
     cond, uncond, x_center = _inputs(restorer)
     return sample(restorer.engines, cond, uncond, x_center, NoiseSource(config.seed), config, restorer.model_config,

@@ -51,7 +51,9 @@ class _Fp8Weight(nn.Module):
         return self.dequantized(self.compute_dtype)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight_fp8.to(dtype) * self.weight_scale.to(dtype)
+        # the scale is applied in fp32: per-channel scales of small weights (max |w| / 448, ~1e-5) are
+        # subnormal in fp16 and would lose most of their bits there; the product is a normal weight
+        return (self.weight_fp8.float() * self.weight_scale).to(dtype)
 
 
 class Fp8Linear(_Fp8Weight):
@@ -99,12 +101,14 @@ def quantize_fp8_(module: nn.Module) -> int:
 
 def fp8_unsupported_reason(device: torch.device) -> str | None:
     """None if ``--fp8-weights`` may be used on ``device``, else why not (one sentence)."""
+    from supir_rt import cuda_runtime
+
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = cuda_runtime.capability(device)
     if (major, minor) < MIN_CAPABILITY:
-        name = torch.cuda.get_device_name(device)
+        name = cuda_runtime.device_name(device)
         return (f"--fp8-weights needs a GPU with fp8 support (compute capability 8.9 or newer: Ada, Hopper, "
                 f"Blackwell); {name} is {major}.{minor}. Run without --fp8-weights")
     return None

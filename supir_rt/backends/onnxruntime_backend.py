@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from supir_rt.backends import EngineBase, register_backend
+from supir_rt.backends.base import EngineBase
+from supir_rt.backends.registry import register_backend
 from supir_rt.backends.manifest import PRECISIONS, check_manifest, onnx_name
 from supir_rt.backends.specs import NETWORKS, NetworkSpec, network_specs
 from supir_rt.config import ModelConfig

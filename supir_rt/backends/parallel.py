@@ -17,8 +17,8 @@ two GPUs therefore compute concurrently, and the host returns as soon as all of 
 
 On CPU engines the halves simply run one after the other (the result is the same; there is no speedup).
 
-Each inner engine sees a batch of B (not the spec's ``2B``), so the wrapper validates the whole feed once
-and turns the inner engines' own validation off. The torch and ONNX Runtime backends take any batch; a
+Each inner engine sees a batch of B (not the spec's ``2B``), so the wrapper checks the whole feed once
+and calls the inner engines with ``check_inputs=False``. The torch and ONNX Runtime backends take any batch; a
 TensorRT ``unet_adaptor`` engine must have been built with a batch profile that admits B per call (its
 default profiles start at ``2B`` = 2, so an untiled single image needs an engine built for batch 1).
 
@@ -58,10 +58,7 @@ class CFGParallelEngine:
         if uncond.spec.name != "unet_adaptor" or cond.spec != uncond.spec:
             raise ValueError(f"CFG-parallel needs two unet_adaptor engines with one spec, got {uncond.spec.name!r} "
                              f"and {cond.spec.name!r}")
-        self.engines = (uncond, cond)
-        for engine in self.engines:  # each half has batch B, not the spec's 2B: the wrapper validates the whole
-            if hasattr(engine, "validate"):
-                engine.validate = False
+        self.engines = (uncond, cond)  # each half has batch B, not the spec's 2B: the wrapper checks the whole
         self.spec = uncond.spec
         self.device = torch.device(home) if home is not None else torch.device(uncond.device)
         self.validate, self.owns_engines, self.closed = validate, owns_engines, False
@@ -89,10 +86,10 @@ class CFGParallelEngine:
             self._copies[index][name] = (weakref.ref(t), t._version, copy)
         return copy
 
-    def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def infer(self, feed: Mapping[str, torch.Tensor], *, check_inputs: bool = True) -> dict[str, torch.Tensor]:
         if self.closed:
             raise RuntimeError("cfg-parallel engine is closed")
-        if self.validate:
+        if check_inputs and self.validate:
             validate_feed(self.spec, feed)
         pairs = feed["x_in"].shape[0]
         if pairs % 2:
@@ -107,13 +104,16 @@ class CFGParallelEngine:
         for index, engine in enumerate(self.engines):
             sub = {s.name: self._half(index, s.name, feed[s.name], half) for s in self.spec.inputs}
             with _on_device(self.devices[index]):
-                eps = engine.infer(sub)["eps"]
+                eps = engine.infer(sub, check_inputs=False)["eps"]
                 done = _record(self.devices[index])
             results.append((eps, done))
         for index, (eps, done) in enumerate(results):
             _wait(self.device, done)
             self._out[half * index:half * (index + 1)].copy_(eps, non_blocking=True)
         return {"eps": self._out}
+
+    def vae_modules(self) -> None:
+        return None
 
     def close(self) -> None:
         if self.owns_engines:

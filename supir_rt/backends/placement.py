@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from supir_rt.cuda_runtime import normalize_device
+
 # The model parts (dotted module paths of `SUPIRModel`) each exported network reads. `quant_conv`
 # is shared by both encoders; a test checks that these parts are exactly what each network needs.
 NETWORK_PARTS: dict[str, tuple[str, ...]] = {
@@ -68,6 +70,8 @@ class MemoryPlan:
     devices: Mapping[str, torch.device] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # one device object per GPU: an index-less "cuda" never equals the "cuda:0" its tensors report
+        object.__setattr__(self, "device", normalize_device(self.device))
         missing = set(NETWORK_PARTS) - set(self.networks)
         if missing:
             raise ValueError(f"memory plan lacks networks {sorted(missing)}")
@@ -201,38 +205,48 @@ def pin_host_memory(module: nn.Module) -> None:
 class Offloader:
     """Gives a network's weights the device only while it runs.
 
-    `on_device()` copies each host tensor to the device (asynchronously from pinned memory) and on
-    exit points the module back at its host tensors, dropping the device copies into PyTorch's
+    `on_device()` puts a device copy of each host tensor in its module (copied asynchronously from
+    pinned memory) and on exit puts the host tensors back, dropping the device copies into PyTorch's
     allocator cache for the next network. Nothing is copied back: inference never changes weights.
-    A resident network gets an `Offloader` whose context does nothing.
+    The move replaces the modules' parameters and buffers (``Tensor.to``, not ``.data =``), so the
+    copies are ordinary tensor operations that a tracer sees. A resident network gets an `Offloader`
+    whose context does nothing.
     """
 
     def __init__(self, modules: list[nn.Module], device: torch.device, *, resident: bool, name: str = "",
                  log: list[tuple[str, str]] | None = None,
                  transfer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        self.modules, self.device, self.resident, self.name = modules, torch.device(device), resident, name
+        self.modules, self.device, self.resident, self.name = modules, normalize_device(device), resident, name
         self.log = [] if log is None else log  # (name, "on" | "off") per move, in order: diagnostics, tests
         self.transfer = transfer or (lambda t: t.to(self.device, non_blocking=True))
 
-    def _tensors(self) -> Iterator[torch.Tensor]:
+    def _slots(self) -> Iterator[tuple[dict, str]]:
+        """(the module's parameter or buffer table, name) of every tensor the modules hold."""
         for m in self.modules:
-            yield from m.parameters()
-            yield from m.buffers()
+            for sub in m.modules():
+                for table in (sub._parameters, sub._buffers):
+                    yield from ((table, name) for name, t in table.items() if t is not None)
 
     @contextlib.contextmanager
     def on_device(self) -> Iterator[None]:
         if self.resident:
             yield
             return
-        host = [(t, t.data) for t in self._tensors()]
+        host: list[tuple[dict, str, torch.Tensor]] = []
+        copies: dict[int, torch.Tensor] = {}  # a tensor held by two modules is copied once
         try:  # also undoes a partial move (the GPU ran out of memory while copying in)
-            for t, h in host:
-                t.data = self.transfer(h)
+            for table, name in self._slots():
+                h = table[name]
+                host.append((table, name, h))
+                if id(h) not in copies:
+                    moved = self.transfer(h)
+                    copies[id(h)] = nn.Parameter(moved, requires_grad=False) if isinstance(h, nn.Parameter) else moved
+                table[name] = copies[id(h)]
             self.log.append((self.name, "on"))
             yield
         finally:
-            for t, h in host:
-                t.data = h
+            for table, name, h in host:
+                table[name] = h
             self.log.append((self.name, "off"))
 
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from supir_rt.backends import EngineBase, register_backend
+from supir_rt.backends.base import EngineBase
+from supir_rt.backends.registry import register_backend
 from supir_rt.backends.modules import NETWORK_MODULES
 from supir_rt.backends.placement import (
     NETWORK_PARTS, OOM_ADVICE, MemoryPlan, Offloader, offloaders, pin_host_memory, plan_from_model,
@@ -222,6 +223,14 @@ class TorchEngine(EngineBase):
         self.call = call or self.module
         self._converted: dict[str, tuple[weakref.ref, int, torch.Tensor]] = {}
         self.conversions: dict[str, int] = {s.name: 0 for s in spec.inputs}  # converted copies made, per input
+
+    def vae_modules(self) -> tuple[nn.Module, float] | None:
+        """The `AutoencoderKL` and scale factor when this engine runs a VAE network (for the tiled VAE)."""
+        inner = self.module.inner
+        vae, scale = getattr(inner, "vae", None), getattr(inner, "scale", None)
+        if vae is None or scale is None or not hasattr(vae, "denoise_encoder"):
+            return None
+        return vae, float(scale)
 
     def conform_inputs(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The engine's one input conversion: each input on the device, floats in the compute dtype

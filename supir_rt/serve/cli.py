@@ -1,6 +1,6 @@
 """``supir-rt serve``, ``supir-rt triton-repo`` and ``supir-rt triton``: parsers and run functions.
 
-Registered by `supir_rt.cli.build_parser` through `add_serving_parsers`. Ray and PyTriton are imported only
+Registered in `supir_rt.cli.COMMANDS`. Ray and PyTriton are imported only
 when their command runs.
 """
 
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from supir_rt.runtime import add_torch_options
 from supir_rt.serve.protocol import Limits
 
 DEFAULT_PORT = 8000
@@ -38,6 +39,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp16 on cuda, fp32 on cpu")
     r.add_argument("--captioner", choices=("none", "llava"), default="none", help="captioner for /v1/caption")
     r.add_argument("--llava-dir", type=Path, default=None, help="exported LLaVA folder for --captioner llava")
+    add_torch_options(p)
 
 
 def _add_limit_flags(p: argparse.ArgumentParser) -> None:
@@ -67,7 +69,8 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
     remote = getattr(args, "print_config", False)
     if not args.tiny_random and not args.engines_dir:
         if remote:
-            from supir_rt.api import SDXL_FILE, SUPIR_FILES, SetupError
+            from supir_rt.errors import SetupError
+            from supir_rt.runtime import SDXL_FILE, SUPIR_FILES
 
             folder = args.weights_dir
             variant = (args.supir_variant or "Q").upper()
@@ -77,7 +80,7 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
                 raise SetupError("--print-config needs the workers' weight paths: --sdxl and --supir, or --weights-dir "
                                  "(or --engines-dir, or --tiny-random)")
         else:
-            from supir_rt.cli import find_weights, read_config_file
+            from supir_rt.runtime import find_weights, read_config_file
 
             found = find_weights(args, read_config_file(None))
             sdxl, supir = found.sdxl, found.supir
@@ -88,7 +91,9 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
         return str(p) if remote else str(Path(p).resolve())
     return {"tiny_random": args.tiny_random, "sdxl": path(sdxl), "supir": path(supir),
             "engines_dir": path(args.engines_dir), "backend": args.backend, "device": args.device,
-            "dtype": args.dtype, "captioner": args.captioner, "llava_dir": path(args.llava_dir)}
+            "dtype": args.dtype, "captioner": args.captioner, "llava_dir": path(args.llava_dir),
+            "vae_dtype": args.vae_dtype, "offload": args.offload, "compile": args.compile,
+            "compile_mode": args.compile_mode, "cuda_graphs": args.cuda_graphs, "fp8_weights": args.fp8_weights}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,7 +181,7 @@ def serve_config_yaml(args: dict[str, Any], *, host: str, port: int) -> str:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from supir_rt.api import SetupError
+    from supir_rt.errors import SetupError
 
     try:
         if args.address and args.metrics_export_port is not None:
@@ -268,7 +273,7 @@ def add_triton_repo_parser(subparsers: Any) -> None:
 
 
 def run_triton_repo(args: argparse.Namespace) -> int:
-    from supir_rt.api import SetupError
+    from supir_rt.errors import SetupError
     from supir_rt.serve.triton import write_model_repository
 
     try:
@@ -303,7 +308,7 @@ def add_triton_parser(subparsers: Any) -> None:
 
 
 def run_triton(args: argparse.Namespace) -> int:
-    from supir_rt.api import SetupError
+    from supir_rt.errors import SetupError
     from supir_rt.serve.triton import serve_pytriton
 
     try:

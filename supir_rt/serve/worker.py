@@ -9,66 +9,30 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from supir_rt.batching import BatchItem, group_by_key, run_batch
+from supir_rt.api import Request, Restored, RestorePlan
+from supir_rt.batching import group_by_key
+from supir_rt.errors import SettingError
 from supir_rt.images import ImageError, LoadedImage
-from supir_rt.pipeline import NonFiniteOutputError, RestoreResult
 from supir_rt.restore_config import RestoreConfig
+from supir_rt.runtime import RuntimeOptions
+from supir_rt.sampler import StepInfo
 from supir_rt.serve.protocol import Limits, RequestError, encode_png
+from supir_rt.stages import NonFiniteOutputError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """How a replica loads the runtime (the `supir-rt restore` runtime flags, as data that pickles)."""
-
-    tiny_random: bool = False
-    sdxl: str | None = None
-    supir: str | None = None
-    engines_dir: str | None = None
-    backend: str = "auto"
-    device: str | None = None  # None: cuda when the replica sees a GPU, else cpu
-    dtype: str | None = None  # None: fp16 on cuda, fp32 on cpu
-    captioner: str = "none"  # none | llava
-    llava_dir: str | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def build_restorer(options: RuntimeOptions, limits: Limits) -> Any:
-    """The `Restorer` for ``options`` (engines opened once; call from the process that serves)."""
-    import torch
+    """The `Restorer` for ``options`` with the server's image limits (`supir_rt.runtime.build_restorer`)."""
+    from supir_rt import runtime
 
-    from supir_rt.api import Restorer, SetupError
-
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = options.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    kwargs: dict[str, Any] = {"max_pixels": limits.max_image_pixels,
-                              "max_processing_pixels": limits.max_processing_pixels}
-    if options.captioner == "llava":
-        from supir_rt.caption import make_captioner
-
-        kwargs["captioner"] = make_captioner("llava", model_dir=options.llava_dir)
-    elif options.captioner != "none":
-        raise SetupError(f"captioner {options.captioner!r}: a server runs none or llava")
-    if options.tiny_random:
-        return Restorer.tiny_random(device=device, dtype=dtype, backend=options.backend,
-                                    engines_dir=options.engines_dir, **kwargs)
-    if options.engines_dir and options.backend != "torch":
-        return Restorer.from_engines(options.engines_dir, backend=options.backend, dtype=dtype, **kwargs)
-    if not (options.sdxl and options.supir):
-        raise SetupError("the server needs the weights: pass --sdxl and --supir (paths every replica can read), "
-                         "or --engines-dir, or --tiny-random")
-    return Restorer.from_weights(options.sdxl, options.supir, device=device, dtype=dtype, backend=options.backend,
-                                 engines_dir=options.engines_dir, **kwargs)
+    return runtime.build_restorer(options, max_pixels=limits.max_image_pixels,
+                                  max_processing_pixels=limits.max_processing_pixels)
 
 
 @dataclass
@@ -98,13 +62,17 @@ class Outcome:
 class RestoreWorker:
     """Loads the runtime once; `run` restores a list of jobs, sharing the sampler loop where it can."""
 
-    def __init__(self, options: RuntimeOptions, limits: Limits = Limits(), *, max_batch_size: int = 4) -> None:
+    def __init__(self, options: RuntimeOptions, limits: Limits = Limits(), *, max_batch_size: int = 4,
+                 restorer: Any = None, on_step: Callable[[StepInfo], None] | None = None) -> None:
+        """``restorer``: an already loaded `Restorer` to serve (default: load one from ``options``);
+        ``on_step``: called after every sampler step of every batch (a liveness signal for the server)."""
         self.options, self.limits, self.max_batch_size = options, limits, max_batch_size
-        self.restorer = build_restorer(options, limits)
+        self.restorer = restorer if restorer is not None else build_restorer(options, limits)
+        self.on_step = on_step
 
     @property
     def device(self) -> str:
-        return str(self.restorer.pipeline.device)
+        return str(self.restorer.device)
 
     def info(self) -> dict[str, Any]:
         from supir_rt import __version__
@@ -117,17 +85,18 @@ class RestoreWorker:
         started = time.time()
         outcomes: list[Outcome | None] = [None] * len(jobs)
         ready: list[int] = []
+        plans: dict[int, RestorePlan] = {}
         for i, job in enumerate(jobs):
             try:
-                self.check(job)
+                plans[i] = self.check(job)
                 ready.append(i)
             except RequestError as err:
                 outcomes[i] = Outcome(error=err)
-        items = [BatchItem(jobs[i].image.rgb, jobs[i].config, jobs[i].caption,
-                           Path(jobs[i].name) if jobs[i].name else None) for i in ready]
+        items = [Request(jobs[i].image, jobs[i].config, jobs[i].caption, Path(jobs[i].name) if jobs[i].name else None)
+                 for i in ready]
         for group in group_by_key(items, self.max_batch_size):
             t0 = time.perf_counter()
-            results = self._run_group([items[g] for g in group])
+            results = self._run_group([items[g] for g in group], plans[ready[group[0]]])
             run_s = time.perf_counter() - t0
             steps = sum(items[g].config.num_steps for g in group)
             for g, result in zip(group, results):
@@ -135,7 +104,7 @@ class RestoreWorker:
                 if isinstance(result, RequestError):
                     outcomes[i] = Outcome(error=result)
                     continue
-                outcome = self._encode(jobs[i], result)
+                outcome = Outcome(png=encode_png(result.image, result.metadata), metadata=result.metadata)
                 outcome.queue_s = max(0.0, started - jobs[i].accepted_at)
                 outcome.run_s, outcome.batch_size = run_s, len(group)
                 outcome.steps_per_s = steps / run_s if run_s > 0 else 0.0
@@ -143,46 +112,41 @@ class RestoreWorker:
         return [o if o is not None else Outcome(error=RequestError(500, "image", "not run", "internal"))
                 for o in outcomes]
 
-    def check(self, job: Job) -> None:
-        """The per-request checks that need the runtime (processing size, noise device)."""
+    def check(self, job: Job) -> RestorePlan:
+        """The per-request checks that need the runtime (processing size, tiling, noise device); returns
+        the request's plan (sizes and tiling), which the restore then uses as it is."""
         try:
-            self.restorer._check_size(job.image, job.config, Path(job.name) if job.name else None)
+            plan = self.restorer.plan(job.image, job.config, source=Path(job.name) if job.name else None)
         except ImageError as err:
             raise RequestError(413, "upscale", str(err), "too_large") from None
         if job.config.noise_device.startswith("cuda") and not self.device.startswith("cuda"):
             raise RequestError(422, "noise_device", f"noise_device={job.config.noise_device!r}: this server runs on "
                                f"{self.device}; use cpu", "invalid_setting")
+        return plan
 
-    def _run_group(self, items: Sequence[BatchItem]) -> list[RestoreResult | RequestError]:
+    def _run_group(self, items: Sequence[Request], plan: RestorePlan) -> list[Restored | RequestError]:
         if len(items) > 1:
             try:
-                return list(run_batch(self.restorer.pipeline, items, captioner=self.restorer.captioner))
+                return list(self.restorer.restore_many(items, plan=plan, callback=self.on_step))
             except Exception as err:  # noqa: BLE001 - isolate the request at fault by running each alone
                 log.warning("batched restore of %d requests failed (%s); running them one by one", len(items), err)
-        return [self._run_one(item) for item in items]
+        return [self._run_one(item, plan) for item in items]
 
-    def _run_one(self, item: BatchItem) -> RestoreResult | RequestError:
+    def _run_one(self, item: Request, plan: RestorePlan) -> Restored | RequestError:
         try:
-            return self.restorer.pipeline.run(item.image, item.config, caption=item.caption,
-                                              captioner=self.restorer.captioner, source=item.source)
+            return self.restorer.restore_many([item], plan=plan, callback=self.on_step)[0]
         except NonFiniteOutputError as err:
             return RequestError(500, "dtype", str(err), "non_finite")
+        except SettingError as err:
+            return RequestError(422, err.field, str(err), "invalid_setting")
         except ValueError as err:
-            name = str(err).split("=", 1)[0].split(" ", 1)[0]
-            return RequestError(422, name if hasattr(item.config, name) else "settings", str(err), "invalid_setting")
-
-    def _encode(self, job: Job, result: RestoreResult) -> Outcome:
-        image = Image.fromarray(result.image, "RGB")
-        if job.image.alpha is not None:
-            image.putalpha(job.image.alpha.resize(image.size, Image.Resampling.BICUBIC))
-        metadata = self.restorer.metadata(result, Path(job.name) if job.name else None)
-        return Outcome(png=encode_png(image, metadata), metadata=metadata)
+            return RequestError(422, "settings", str(err), "invalid_setting")
 
     def caption(self, image: LoadedImage, config: RestoreConfig) -> str:
         if self.restorer.captioner is None:
             raise RequestError(501, "captioner", "this server runs without a captioner; start it with "
                                "--captioner llava --llava-dir DIR", "no_captioner")
-        return self.restorer.pipeline.caption(image.rgb, config, self.restorer.captioner, None)
+        return self.restorer.caption(image, config)
 
     def close(self) -> None:
         self.restorer.close()

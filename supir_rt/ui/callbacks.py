@@ -27,9 +27,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from supir_rt.caption import check_truncation, clean_caption, join_prompt
+from supir_rt.caption import clean_caption
 from supir_rt.images import ImageError, LoadedImage, load_image, read_metadata, save_image
-from supir_rt.pipeline import NonFiniteOutputError, noise_source, processing_sizes
+from supir_rt.stages import NonFiniteOutputError, noise_source, processing_sizes
 from supir_rt.restore_config import RESTORE_PRESETS, RestoreConfig, restore_preset
 from supir_rt.sampler import StepInfo
 from supir_rt.ui.knobs import NOT_FROM_PRESET, Knob, coerce, config_from_values, knobs_for, values_from_config
@@ -105,7 +105,7 @@ class RestoreUI:
         from supir_rt import __version__
 
         desc = self.restorer.description
-        device = desc.get("device") or str(getattr(self.restorer.pipeline, "device", "?"))
+        device = desc.get("device") or str(self.restorer.device)
         model = desc.get("model", "?")
         if model == "tiny-random":
             model = "tiny-random (random weights: the output is NOT a restoration)"
@@ -209,14 +209,12 @@ class RestoreUI:
 
     def prompt_warnings(self, caption: str, a_prompt: str, n_prompt: str, quality_first: bool) -> str:
         """Warnings when CLIP's 77-token window cuts the quality prompt or the negative prompt."""
-        tokenizer = self.restorer.pipeline.tokenizer
-        prompt = join_prompt(caption or "", a_prompt or "", quality_first=bool(quality_first))
+        positive, negative = self.restorer.prompt_warnings(caption or "", a_prompt or "", n_prompt or "",
+                                                           quality_first=bool(quality_first))
         notes = []
-        positive = check_truncation(prompt, tokenizer, quality_prompt=a_prompt or None)
         if positive:
             notes.append("**Prompt cut:** " + positive.replace(" (--max-new-tokens)", "")
                          .replace("(--quality-first)", "(tick “Quality prompt first”)"))
-        negative = check_truncation(n_prompt or "", tokenizer)
         if negative:
             notes.append("**Negative prompt cut:** " + negative)
         return "\n\n".join(notes)
@@ -272,7 +270,7 @@ class RestoreUI:
         loaded = self._require(path)
         config = self.config(values)
         with self._lock:
-            return self.restorer.pipeline.caption(loaded.rgb, config, self.restorer.captioner, None)
+            return self.restorer.caption(loaded, config)
 
     def restore(self, path: str | Path | None, caption: str, values: Mapping[str, Any], *, session: str = "",
                 ticket: int = 0, report: Report | None = None) -> RunOutput:

@@ -2,7 +2,7 @@
 
 Every file the server writes (uploads, Gradio's cache, the restored PNGs) goes to one temporary folder
 that is removed when the server stops (Ctrl+C or SIGTERM). Weights, backend and device options are the
-``restore`` command's (`supir_rt.cli.add_runtime_options`).
+``restore`` command's (`supir_rt.runtime.add_runtime_options`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ DEFAULT_PORT = 7860
 
 
 def add_ui_parser(subparsers: Any) -> None:
-    from supir_rt.cli import add_runtime_options
+    from supir_rt.runtime import add_runtime_options
 
     p = subparsers.add_parser(
         "ui",
@@ -50,7 +50,7 @@ def add_ui_parser(subparsers: Any) -> None:
 
 
 def check_ui_args(args: argparse.Namespace) -> None:
-    from supir_rt.api import SetupError
+    from supir_rt.errors import SetupError
 
     if not 1 <= args.port <= 65535:
         raise SetupError(f"--port {args.port}: use a port number in 1..65535")
@@ -69,7 +69,7 @@ def check_ui_args(args: argparse.Namespace) -> None:
 
 def check_address(host: str, port: int) -> None:
     """Fail before the model loads when ``host:port`` cannot be listened on (busy port, unknown address)."""
-    from supir_rt.api import SetupError
+    from supir_rt.errors import SetupError
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -83,9 +83,11 @@ def check_address(host: str, port: int) -> None:
 
 def run_ui(args: argparse.Namespace) -> int:
     """The ``ui`` sub-command: returns the exit code (0 after a clean stop, 2 for bad options or setup)."""
-    from supir_rt.cli import TINY_DEFAULTS, _error, _user_errors, build_restorer, read_config_file
+    from supir_rt.errors import UserError
+    from supir_rt.runtime import TINY_DEFAULTS, build_restorer, options_from_args, read_config_file
+    from supir_rt.runtime import report_error as _error
 
-    errors = _user_errors()
+    errors = (UserError,)
     workdir = Path(tempfile.mkdtemp(prefix="supir-rt-ui-"))
     saved_env = {k: os.environ.get(k) for k in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED", "MPLCONFIGDIR")}
     saved_tempdir = tempfile.tempdir
@@ -104,13 +106,13 @@ def run_ui(args: argparse.Namespace) -> int:
             if args.tiny_random and not args.quiet:
                 print("note: --tiny-random runs the tiny configuration with RANDOM weights: the page shows the "
                       "pipeline working, its output is NOT a restoration.", file=sys.stderr)
-            restorer = build_restorer(args, file_cfg)
+            restorer = build_restorer(options_from_args(args, file_cfg), progress=False,
+                                      **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))
         except errors as err:
             if args.debug:
                 raise
             _error(err)
             return 2
-        restorer.progress = False  # the page has its own progress bar
 
         from supir_rt.ui.callbacks import RestoreUI
         from supir_rt.ui.layout import CSS, build_app

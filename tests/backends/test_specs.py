@@ -76,7 +76,7 @@ def test_engines_readme_documents_the_generated_contract(official):
 def test_auto_with_engines_never_picks_a_torch_backend(monkeypatch):
     """On a GPU machine without TensorRT/onnxruntime-gpu, `auto` over an engines folder must not pick
     the torch backend (which needs checkpoints, not engines); without engines it may."""
-    import supir_rt.backends as backends
+    import supir_rt.backends.registry as backends
 
     status = {"tensorrt": "absent", "onnxruntime-cuda": "absent", "onnxruntime": None, "torch": None}
     monkeypatch.setattr(backends, "available_backends", lambda: status)

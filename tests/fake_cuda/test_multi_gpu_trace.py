@@ -64,7 +64,7 @@ def _open(model, plan, **kwargs):
 
 def _one_step(engines, cond, uncond, x):
     """One guided denoiser call on the unet_adaptor engine(s), as the sampler makes it."""
-    from supir_rt.pipeline import engine_network
+    from supir_rt.stages import engine_network
 
     table = legacy_ddpm_sigmas().to(x.device)
     guided = GuidedDenoiser(EpsDenoiser(engine_network(engines["unet_adaptor"]), table), cond, uncond,
@@ -74,7 +74,7 @@ def _one_step(engines, cond, uncond, x):
 
 
 def test_split_placement_runs_each_network_on_its_gpu(fake_mode):
-    from supir_rt.pipeline import encode_prompt, prepare_condition, stage1
+    from supir_rt.stages import encode_prompt, prepare_condition, stage1
     from supir_rt.tokenizer import load_tokenizer
 
     config = ModelConfig.tiny()

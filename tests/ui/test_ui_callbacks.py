@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import sys
 import threading
 import zlib
 from dataclasses import dataclass
@@ -26,8 +25,7 @@ from supir_rt.restore_config import RestoreConfig
 from supir_rt.ui.callbacks import Cancelled, RestoreUI, UIError
 from supir_rt.ui.knobs import config_from_values, knobs_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_pipeline import gradient_image, toy_engines  # noqa: E402
+from toys import gradient_image, toy_engines
 
 SMALL = {"min_size": 64}  # the server overlay on every preset (as --tiny-random's small sizes)
 

@@ -1,7 +1,8 @@
 """The memory policy: whether a restore runs tiled, from an estimate of its peak working memory.
 
 ``tiling = "auto"`` runs each part untiled while its estimated peak memory fits the budget
-(``max_memory_gb``, default: the memory the device has free now, after the model is loaded) and
+(``max_memory_gb``, default: the memory the device has free now, after the model is loaded,
+counting PyTorch's unused cache as free: `available_memory`) and
 tiled otherwise; ``"on"`` always tiles, ``"off"`` never does. The sampler (the ``unet_adaptor`` calls)
 and the VAE (DR encoder, encoder, decoder) are decided separately. The choice is logged and stored in
 the output's metadata.
@@ -15,9 +16,8 @@ device, and err on the large side:
   matrix (ONNX Runtime) add ``n × heads × tokens²`` values for the 1/2-resolution transformer;
 * a VAE pass holds about ``6 × ch`` float32 values per image pixel at full resolution (the largest
   level: the resblock input kept for the residual, the norm and conv outputs, the upsample), and the
-  mid block ``8 × ch_mult[-1] × ch`` per latent pixel; untiled, its attention also stores the
-  tokens² score matrix (ONNX Runtime, and the PyTorch reference VAE, whose q/k/v layout makes SDPA
-  take its math kernel); the tiled VAE's whole-latent attention uses the memory-efficient kernel;
+  mid block ``8 × ch_mult[-1] × ch`` per latent pixel; untiled under ONNX Runtime its attention also
+  stores the tokens² score matrix (the PyTorch VAE's SDPA takes a fused kernel that does not);
 * tiled, the same formulas apply to one tile (with its halo) plus the whole-latent part; what is left
   of the budget keeps exact-mode VAE tiles in memory between passes (`kept_tile_bytes` each), which
   saves their recomputation without changing the result.
@@ -28,13 +28,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from supir_rt import cuda_runtime
 from supir_rt.config import ModelConfig
 from supir_rt.errors import UserError
-from supir_rt import vae_tiling
-from supir_rt.tiling import LATENT_FACTOR, plan_sampler_tiles, tiles_per_axis
+from supir_rt.tiling import vae as vae_tiling
+from supir_rt.tiling.windows import LATENT_FACTOR, plan_sampler_tiles, tiles_per_axis
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,14 @@ MATERIALISED_ATTENTION = ("onnxruntime", "onnxruntime-cuda")
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free on ``device`` now: CUDA free memory, or the host's MemAvailable on CPU."""
+    """Bytes a restore may use on ``device`` now (read once per restore, by `plan_tiling`): on CUDA what
+    the driver has free plus what PyTorch holds in its cache without using it (``memory_reserved −
+    memory_allocated``: the previous image's activations, a CUDA-graph pool), so identical requests get
+    the same budget however warm the cache is; on a CPU the host's MemAvailable."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        free, _ = cuda_runtime.mem_get_info(device)
+        allocated, reserved = cuda_runtime.memory_stats(device)
+        return free + max(reserved - allocated, 0)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -78,10 +84,11 @@ def vae_bytes(config: ModelConfig, height: int, width: int, *, backend: str) -> 
     vae = config.first_stage_config
     latent = (height // LATENT_FACTOR) * (width // LATENT_FACTOR)
     values = 6 * vae.ch * height * width + 8 * vae.ch_mult[-1] * vae.ch * latent
-    # The untiled mid-block attention stores the tokens x tokens scores on every backend: ONNX Runtime
-    # always, and the PyTorch reference VAE too, whose transposed q/k/v views make SDPA fall back to
-    # its math kernel (measured: 2.3 GB at 16k tokens on CPU). The tiled VAE avoids it.
-    values += latent * latent
+    # The untiled mid-block attention stores the tokens x tokens scores only where the kernel does:
+    # ONNX Runtime's attention. The PyTorch VAE feeds SDPA dense (B, HW, C) rows, so it takes a fused
+    # kernel (CUDA: flash / memory-efficient; CPU: flash) that never holds the scores.
+    if backend in MATERIALISED_ATTENTION:
+        values += latent * latent
     return values * 4
 
 
@@ -144,13 +151,37 @@ class TilingError(UserError):
     """A tiling setting cannot work for this image or budget; the message names the option and a fix."""
 
 
+@dataclass(frozen=True)
+class TilingSettings:
+    """The tiling settings of one restore: the tiling fields of `RestoreConfig` (same names and defaults;
+    ``mode`` is its ``tiling``, ``vae_tiling_mode`` its ``vae_tiling``)."""
+
+    mode: str = "auto"
+    tile_size: int = 1024  # image px
+    tile_stride: int = 512
+    tile_batch: int = 1
+    vae_tile_size: int = vae_tiling.DEFAULT_VAE_TILE_PX
+    vae_tiling_mode: str = "exact"
+    max_memory_gb: float | None = None
+
+    @classmethod
+    def of(cls, config: Any) -> TilingSettings:
+        """The tiling settings of a `RestoreConfig`."""
+        return cls(mode=config.tiling, tile_size=config.tile_size, tile_stride=config.tile_stride,
+                   tile_batch=config.tile_batch, vae_tile_size=config.vae_tile_size,
+                   vae_tiling_mode=config.vae_tiling, max_memory_gb=config.max_memory_gb)
+
+
 def plan_tiling(
-    config: ModelConfig, processing: tuple[int, int], *, tiling: str, tile_size: int, tile_stride: int,
-    tile_batch: int, vae_tile_size: int, vae_tiling_mode: str, max_memory_gb: float | None, device: torch.device,
-    dtype: str, backend: str, vae_tiling_available: bool = True, default_tile_size: int | None = None,
+    config: ModelConfig, processing: tuple[int, int], settings: TilingSettings, *, device: torch.device,
+    dtype: str, backend: str, vae_tiling_available: bool = True,
 ) -> TilingPlan:
-    """Decide the tiling of one restore at ``processing`` = (W, H) px; raises `TilingError` for settings
-    that cannot work (tile larger than the image, budget too small for one tile, tiled VAE unavailable)."""
+    """Decide the tiling of one restore at ``processing`` = (W, H) px with ``settings`` on ``device``
+    (``dtype`` and ``backend`` of the diffusion engine); raises `TilingError` for settings that cannot
+    work (tile larger than the image, budget too small for one tile, tiled VAE unavailable)."""
+    tiling, tile_size, tile_stride, tile_batch = settings.mode, settings.tile_size, settings.tile_stride, settings.tile_batch
+    vae_tile_size, vae_tiling_mode, max_memory_gb = settings.vae_tile_size, settings.vae_tiling_mode, settings.max_memory_gb
+    default_tile_size = TilingSettings.tile_size
     width, height = processing
     h, w = height // LATENT_FACTOR, width // LATENT_FACTOR
     budget = int(max_memory_gb * GiB) if max_memory_gb is not None else available_memory(device)
@@ -209,5 +240,5 @@ def plan_tiling(
     )
 
 
-__all__ = ["GiB", "TilingError", "TilingPlan", "available_memory", "kept_tile_bytes", "plan_tiling", "tiled_vae_bytes", "unet_bytes",
+__all__ = ["GiB", "TilingError", "TilingPlan", "TilingSettings", "available_memory", "kept_tile_bytes", "plan_tiling", "tiled_vae_bytes", "unet_bytes",
            "vae_bytes"]

@@ -1,4 +1,4 @@
-"""Tiled VAE (supir_rt.vae_tiling): exact mode equals the untiled reference VAE within float rounding,
+"""Tiled VAE (supir_rt.tiling.vae): exact mode equals the untiled reference VAE within float rounding,
 official mode follows the documented official tile split, and memory stays bounded by the tile."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from supir_rt import vae_tiling as vt
+from supir_rt.tiling import vae as vt
 
 # Exact mode's stated tolerance (docs/tiling.md): relative L2 distance to the untiled VAE below 1e-5.
 # What is left is float32 rounding (convolutions on tiles, pooled statistics summed in another order).

@@ -2,8 +2,9 @@
 
 Expected window coordinates are written out by hand from the official rule (starts 0, stride, ... while
 the tile fits, plus a last start snapped to ``side − tile``), the blend weights from the formula, and
-the tiled step from a plain re-statement of the algorithm in this file; the tiny model checks that a
-single tile covering the latent gives the untiled sampler's result.
+the tiled step from a plain re-statement of the official algorithm (blend of each tile's x_next) in this
+file; the samplers under test run over `TiledDenoiser` (blend of each tile's D). The tiny model checks
+that a single tile covering the latent gives the untiled sampler's result.
 """
 
 from __future__ import annotations
@@ -21,9 +22,18 @@ from supir_rt.noise import NoiseSource
 from supir_rt.pipeline import engine_network
 from supir_rt.sampler import initial_latent, sample_dpmpp_2m_sde, sample_restore_edm
 from supir_rt.schedule import OFFICIAL_SIGMA_MAX, dpmpp_sigmas, restore_sigmas
-from supir_rt.tiling import (
-    TileGuidedDenoiser, gaussian_weights, sample_dpmpp_2m_sde_tiled, sample_restore_edm_tiled, sliding_windows,
-)
+from supir_rt.tiling import TileGrid, TiledDenoiser, gaussian_weights, sliding_windows
+
+
+def toy_tiled(toy, lq, tile, stride, tile_batch=1, progress=None):
+    """A `TiledDenoiser` over ``toy(x_tiles, lq_tiles)`` as both halves of the CFG pair (scale 1: D = toy)."""
+    def model(x2, sigma2, cond, control_scale):
+        return toy(x2, cond["control"])
+
+    text = {"crossattn": torch.zeros(1, 1)}
+    grid = TileGrid.build(*lq.shape[-2:], tile, stride, lq.device)
+    return TiledDenoiser(model, {**text, "control": lq}, text, LinearCFG.constant(1.0), ControlScale(), grid,
+                         tile_batch=tile_batch, progress=progress)
 
 # --------------------------------------------------------------------------------------------------
 # geometry
@@ -103,10 +113,10 @@ def test_one_step_matches_a_plain_statement_of_the_algorithm():
     sigmas = torch.tensor([2.0, 0.5])
     gamma = min(3.0 / 1, 2**0.5 - 1)
     draws = iter([eps])
-    out = sample_restore_edm_tiled(
-        lambda xt, s_hat, s, lq_t: toy(xt, lq_t), x, sigmas, lq_latent=lq, x_center=None, restore_cfg=-1,
-        s_churn=3.0, s_noise=1.0, noise=lambda like: next(draws), tile=16, stride=8)
+    out = sample_restore_edm(toy_tiled(toy, lq, 16, 8), x, sigmas, x_center=None, restore_cfg=-1,
+                             s_churn=3.0, s_noise=1.0, noise=lambda like: next(draws), noise_every_step=True)
     expected = _reference_tiled_edm_step(x, eps, lq, 2.0, 0.5, gamma, 16, 8, toy)
+    # blending D then stepping vs stepping each tile then blending x_next: equal up to rounding order
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -118,7 +128,7 @@ def test_pointwise_denoiser_gives_the_untiled_result_and_noise_is_drawn_every_st
     def point(x, s_hat, s):
         return 0.7 * x + 0.3 * target
 
-    def point_tiles(x, s_hat, s, lq):
+    def point_tiles(x, lq):
         return 0.7 * x + 0.3 * lq  # lq carries the slice of `target`
 
     sigmas = restore_sigmas(6)
@@ -134,8 +144,8 @@ def test_pointwise_denoiser_gives_the_untiled_result_and_noise_is_drawn_every_st
             return src.randn_like(like)
 
         ref = sample_restore_edm(point, x0, sigmas, s_churn=s_churn, noise=untiled_src.randn_like, **common)
-        got = sample_restore_edm_tiled(point_tiles, x0, sigmas, lq_latent=target, s_churn=s_churn, noise=counting,
-                                       tile=24, stride=8, tile_batch=4, **common)
+        got = sample_restore_edm(toy_tiled(point_tiles, target, 24, 8, 4), x0, sigmas, s_churn=s_churn,
+                                 noise=counting, noise_every_step=True, **common)
         assert len(calls) == 6  # one whole-latent draw per step, also when γ = 0
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -147,8 +157,8 @@ def test_tiled_dpmpp_with_pointwise_denoiser_matches_untiled():
     x0 = initial_latent(a.randn_like(target), sigmas)
     b.randn_like(target)
     ref = sample_dpmpp_2m_sde(lambda x, s_hat, s: 0.6 * x + 0.4 * target, x0, sigmas, s_noise=1.0, noise=a.randn_like)
-    got = sample_dpmpp_2m_sde_tiled(lambda x, s_hat, s, lq: 0.6 * x + 0.4 * lq, x0, sigmas, lq_latent=target,
-                                    s_noise=1.0, noise=b.randn_like, tile=16, stride=8, tile_batch=3)
+    got = sample_dpmpp_2m_sde(toy_tiled(lambda x, lq: 0.6 * x + 0.4 * lq, target, 16, 8, 3), x0, sigmas,
+                              s_noise=1.0, noise=b.randn_like)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -170,21 +180,22 @@ def tiny_stack(tiny_model, tiny_config):
     return engines, cond, uncond, lq, cfg, control
 
 
-def _run_tiled(stack, tile, stride, tile_batch, sigmas, **kwargs):
+def _run_tiled(stack, tile, stride, tile_batch, sigmas, progress=None):
     engines, cond, uncond, lq, cfg, control = stack
-    denoise = TileGuidedDenoiser(EpsDenoiser(engine_network(engines["unet_adaptor"])), cond, uncond, cfg, control)
+    grid = TileGrid.build(*lq.shape[-2:], tile, stride, lq.device)
+    denoise = TiledDenoiser(EpsDenoiser(engine_network(engines["unet_adaptor"])), {**cond, "control": lq}, uncond,
+                            cfg, control, grid, tile_batch=tile_batch, progress=progress)
     src = NoiseSource(11)
     x = initial_latent(src.randn_like(lq), sigmas)
-    return sample_restore_edm_tiled(denoise, x, sigmas, lq_latent=lq, x_center=lq * 0.5, restore_cfg=3.0,
-                                    s_churn=5.0, s_noise=1.01, noise=src.randn_like, tile=tile, stride=stride,
-                                    tile_batch=tile_batch, **kwargs)
+    return sample_restore_edm(denoise, x, sigmas, x_center=lq * 0.5, restore_cfg=3.0, s_churn=5.0, s_noise=1.01,
+                              noise=src.randn_like, noise_every_step=True)
 
 
 def test_one_tile_covering_the_latent_equals_untiled(tiny_stack, monkeypatch):
-    """With one window over the whole latent the tiled sampler is the untiled one, except for the blend:
-    x = float32(x_tile·w) / float32(w) with float64 weights w rounds differently from x_tile (a relative
+    """With one window over the whole latent the tiled denoiser is the untiled one, except for the blend:
+    D = float32(D_tile·w) / float32(w) with float64 weights w rounds differently from D_tile (a relative
     error of about 1e-7 per step, which the network amplifies over the steps). With all-one weights the
-    blend is exact and the results are bitwise equal."""
+    blend is exact and the results are bitwise equal (churn on every step: the same noise draws)."""
     engines, cond, uncond, lq, cfg, control = tiny_stack
     sigmas = restore_sigmas(4)
     guided = GuidedDenoiser(EpsDenoiser(engine_network(engines["unet_adaptor"])),
@@ -196,7 +207,7 @@ def test_one_tile_covering_the_latent_equals_untiled(tiny_stack, monkeypatch):
     tiled = _run_tiled(tiny_stack, (16, 24), 8, 1, sigmas)
     assert not torch.equal(tiled, ref)
     torch.testing.assert_close(tiled, ref, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(tiling, "gaussian_weights", lambda th, tw: np.ones((th, tw)))
+    monkeypatch.setattr(tiling.windows, "gaussian_weights", lambda th, tw: np.ones((th, tw)))
     assert torch.equal(_run_tiled(tiny_stack, (16, 24), 8, 1, sigmas), ref)
 
 
@@ -212,7 +223,7 @@ def test_batch_of_tiles_equals_one_at_a_time(tiny_stack):
 
 
 def test_batching_is_exact_with_a_batch_invariant_denoiser():
-    def per_tile(xt, s_hat, s, lq):  # each tile's own statistics: different per tile, independent of batching
+    def per_tile(xt, lq):  # each tile's own statistics: different per tile, independent of batching
         return torch.stack([t.mean() * 0.3 + 0.5 * l for t, l in zip(xt, lq)])
 
     g = torch.Generator().manual_seed(4)
@@ -221,9 +232,8 @@ def test_batching_is_exact_with_a_batch_invariant_denoiser():
     outs = []
     for batch in (1, 3, 100):
         src = NoiseSource(9)
-        outs.append(sample_restore_edm_tiled(per_tile, x, sigmas, lq_latent=lq, x_center=None, restore_cfg=-1,
-                                             s_churn=5.0, s_noise=1.0, noise=src.randn_like, tile=12, stride=4,
-                                             tile_batch=batch))
+        outs.append(sample_restore_edm(toy_tiled(per_tile, lq, 12, 4, batch), x, sigmas, x_center=None,
+                                       restore_cfg=-1, s_churn=5.0, s_noise=1.0, noise=src.randn_like))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 

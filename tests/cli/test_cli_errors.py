@@ -8,7 +8,6 @@ Engine folders that need real exported engines are in tests/backends/test_engine
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,7 @@ from supir_rt.config import ModelConfig
 from supir_rt.errors import SettingError, UserError
 from supir_rt.restore_config import RestoreConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_sampler_choice import toy_engines  # noqa: E402
+from toys import toy_engines
 
 
 def run(argv, capsys):
@@ -59,7 +57,7 @@ def one_error_line(err: str) -> str:
 def test_bad_settings_name_the_flag_the_user_typed(tmp_path, src, capsys, flags, expect, monkeypatch):
     from supir_rt.api import Restorer
 
-    monkeypatch.setattr(cli, "build_restorer", lambda args, cfg: Restorer(toy_engines()[0], ModelConfig.tiny()))
+    monkeypatch.setattr("supir_rt.cli.restore.build_restorer", lambda args, cfg: Restorer(toy_engines()[0], ModelConfig.tiny()))
     code, _, err = run(["restore", src, "-o", tmp_path / "out.png", "--min-size", "64", "-q", *flags], capsys)
     assert code == 2
     line = one_error_line(err)
@@ -90,7 +88,7 @@ def test_a_bug_is_a_traceback_not_a_one_line_error(tmp_path, src, monkeypatch, c
     def broken(args, file_cfg):
         raise ValueError("internal invariant broken")  # a bug, not a UserError
 
-    monkeypatch.setattr(cli, "build_restorer", broken)
+    monkeypatch.setattr("supir_rt.cli.restore.build_restorer", broken)
     with pytest.raises(ValueError, match="internal invariant"):
         cli.main(["restore", str(src), "-o", str(tmp_path / "o.png"), "-q"])
     assert not issubclass(ValueError, UserError)

@@ -8,7 +8,6 @@ Most runs use a `Restorer` over the toy engines of test_pipeline.py (patched int
 from __future__ import annotations
 
 import argparse
-import sys
 import zlib
 from pathlib import Path
 
@@ -22,8 +21,7 @@ from supir_rt.config import ModelConfig
 from supir_rt.images import read_metadata
 from supir_rt.restore_config import RestoreConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import gradient_image, toy_engines  # noqa: E402
+from toys import gradient_image, toy_engines
 
 
 @pytest.fixture()
@@ -39,7 +37,7 @@ def toy_cli(monkeypatch):
         built.append(calls)
         return restorer
 
-    monkeypatch.setattr(cli, "build_restorer", build)
+    monkeypatch.setattr("supir_rt.cli.restore.build_restorer", build)
     return built
 
 
@@ -169,7 +167,7 @@ def test_non_finite_output_is_not_saved(tmp_path, monkeypatch, capsys):
     def build(args, file_cfg):
         return Restorer(toy_engines(nan=True)[0], ModelConfig.tiny())
 
-    monkeypatch.setattr(cli, "build_restorer", build)
+    monkeypatch.setattr("supir_rt.cli.restore.build_restorer", build)
     src = tmp_path / "in.png"
     gradient_image(40, 30).save(src)
     code, _, err = run(["restore", src, "-o", tmp_path / "out.png", "--steps", 1, "--min-size", 64, "-q"], capsys)

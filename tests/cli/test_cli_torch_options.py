@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +10,7 @@ import torch
 from supir_rt import cli
 from supir_rt.images import read_metadata
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import gradient_image  # noqa: E402
+from toys import gradient_image
 
 
 def run(argv, capsys):

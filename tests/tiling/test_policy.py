@@ -14,17 +14,14 @@ from PIL import Image
 from supir_rt.cli import main
 from supir_rt.config import ModelConfig
 from supir_rt.errors import SettingError
-from supir_rt.memory import TilingError, plan_tiling, unet_bytes, vae_bytes
+from supir_rt.tiling.policy import TilingError, TilingSettings, plan_tiling, unet_bytes, vae_bytes
 from supir_rt.restore_config import RestoreConfig
 
 
 def _plan(processing=(2048, 1536), dtype="fp16", **overrides):
     cfg = RestoreConfig(**overrides)
-    return plan_tiling(
-        ModelConfig.official(), processing, tiling=cfg.tiling, tile_size=cfg.tile_size, tile_stride=cfg.tile_stride,
-        tile_batch=cfg.tile_batch, vae_tile_size=cfg.vae_tile_size, vae_tiling_mode=cfg.vae_tiling,
-        max_memory_gb=cfg.max_memory_gb, device=torch.device("cpu"), dtype=dtype, backend="torch",
-        default_tile_size=RestoreConfig.tile_size)
+    return plan_tiling(ModelConfig.official(), processing, TilingSettings.of(cfg), device=torch.device("cpu"),
+                       dtype=dtype, backend="torch")
 
 
 def test_auto_tiles_only_what_does_not_fit():
@@ -33,10 +30,13 @@ def test_auto_tiles_only_what_does_not_fit():
     # VAE 6 x 128 float32 values per image px plus the mid block 8 x 512 per latent px
     assert unet_bytes(config, 1, 192, 256, dtype="fp16", backend="torch") == 16 * 320 * 192 * 256 * 2 * 2
     tokens = 192 * 256
-    assert vae_bytes(config, 1536, 2048, backend="torch") == (6 * 128 * 1536 * 2048 + 8 * 512 * tokens + tokens**2) * 4
+    # the PyTorch VAE's attention takes a fused SDPA kernel (no scores); ONNX Runtime's stores tokens² scores
+    assert vae_bytes(config, 1536, 2048, backend="torch") == (6 * 128 * 1536 * 2048 + 8 * 512 * tokens) * 4
+    assert vae_bytes(config, 1536, 2048, backend="onnxruntime") == (6 * 128 * 1536 * 2048 + 8 * 512 * tokens
+                                                                    + tokens**2) * 4
     big = _plan(max_memory_gb=1000)
     assert not big.sampler_tiled and not big.vae_tiled
-    vae_only = _plan(max_memory_gb=8)  # UNet ~1 GB fits, VAE ~19 GB (10 + 9 for attention scores) does not
+    vae_only = _plan(max_memory_gb=8)  # UNet ~1 GB fits, VAE ~10 GB does not
     assert not vae_only.sampler_tiled and vae_only.vae_tiled
     # 4096x3072 in fp32: UNet ~8 GB untiled, ~0.7 GB per tile; VAE > 100 GB untiled, ~4.5 GB tiled
     both = _plan(processing=(4096, 3072), dtype="fp32", max_memory_gb=6)
@@ -66,8 +66,7 @@ def test_tile_larger_than_image():
 
 def test_engine_backend_cannot_tile_the_vae():
     with pytest.raises(TilingError, match="--vae-tiling none"):
-        plan_tiling(ModelConfig.official(), (2048, 2048), tiling="on", tile_size=1024, tile_stride=512, tile_batch=1,
-                    vae_tile_size=512, vae_tiling_mode="exact", max_memory_gb=None, device=torch.device("cpu"),
+        plan_tiling(ModelConfig.official(), (2048, 2048), TilingSettings(mode="on"), device=torch.device("cpu"),
                     dtype="fp32", backend="onnxruntime", vae_tiling_available=False)
 
 
@@ -160,7 +159,7 @@ def test_cli_restores_4096x3072_tiled(tmp_path):
 
 
 def test_spare_budget_keeps_exact_vae_tiles_between_passes():
-    from supir_rt.memory import kept_tile_bytes, tiled_vae_bytes
+    from supir_rt.tiling.policy import kept_tile_bytes, tiled_vae_bytes
 
     config = ModelConfig.official()
     need = tiled_vae_bytes(config, 1536, 2048, 512)
