@@ -311,6 +311,11 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
     elif options.captioner not in ("none", "llava"):
         raise SetupError(f"captioner {options.captioner!r}: choose none or llava")
     workers, address = scale.pop("tile_workers", 0), scale.pop("ray_address", None)
+    artifacts = engines_dir is not None and backend != "torch" and not options.tiny_random
+    if artifacts and (scale or workers):
+        flags = [f"--{k.replace('_', '-')}" for k in scale] + (["--tile-workers"] if workers else [])
+        raise SetupError(f"{', '.join(flags)}: not available with --engines-dir yet; use the PyTorch backend with "
+                         "the checkpoint files")
     if workers:
         from supir_rt.tile_workers import connect_ray
 
@@ -319,11 +324,7 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
         kwargs = dict(device=device, dtype=dtype, backend=backend, engines_dir=engines_dir, **torch_options(options))
         return _with_workers(Restorer.tiny_random(**kwargs, **scale, **restorer_kwargs), "tiny_random", kwargs,
                              workers, address)
-    if engines_dir is not None and backend != "torch":
-        if scale or workers:
-            flags = [f"--{k.replace('_', '-')}" for k in scale] + (["--tile-workers"] if workers else [])
-            raise SetupError(f"{', '.join(flags)}: not available with "
-                             "--engines-dir yet; use the PyTorch backend with the checkpoint files")
+    if artifacts:
         return Restorer.from_engines(engines_dir, backend=backend, dtype=dtype, **restorer_kwargs)
     if not (options.sdxl and options.supir):
         raise SetupError("the weights are needed: pass --sdxl and --supir (or --weights-dir), or --engines-dir, "

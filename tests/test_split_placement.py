@@ -68,3 +68,18 @@ def test_cuda_devices_on_a_machine_without_cuda_are_refused_before_any_work():
         pytest.skip("this machine has CUDA")
     with pytest.raises(SetupError, match="cuda:0.*(CPU-only build|no usable CUDA GPU)"):
         api.Restorer.tiny_random(devices=["cuda:0", "cuda:1"])
+
+
+def test_scale_options_that_cannot_work_together_are_refused():
+    from supir_rt.runtime import RuntimeOptions, build_restorer
+
+    with pytest.raises(SetupError, match="--device and --devices: give one of them"):
+        RuntimeOptions(device="cpu", devices=("cuda:0", "cuda:1")).scale()
+    with pytest.raises(SetupError, match="--ray-address is for --tile-workers"):
+        RuntimeOptions(ray_address="auto").scale()
+    with pytest.raises(SetupError, match="--cfg-parallel needs --devices"):
+        build_restorer(RuntimeOptions(tiny_random=True, cfg_parallel=True))
+    with pytest.raises(SetupError, match="--devices: PyTorch backend options"):
+        build_restorer(RuntimeOptions(engines_dir="/nonexistent", backend="onnxruntime", devices=("cpu", "meta")))
+    with pytest.raises(SetupError, match="--tile-workers: not available with --engines-dir yet"):
+        build_restorer(RuntimeOptions(engines_dir="/nonexistent", backend="onnxruntime", tile_workers=2))
