@@ -100,13 +100,16 @@ class Restorer:
     def from_weights(cls, sdxl: str | Path, supir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
                      backend: str = "torch", engines_dir: str | Path | None = None, config: ModelConfig | None = None,
                      vae_dtype: str | None = None, offload: bool | None = None, fp8_weights: bool = False,
-                     torch_options: Any = None, **kwargs: Any) -> Restorer:
+                     torch_options: Any = None, devices: Sequence[str] | None = None, cfg_parallel: bool = False,
+                     **kwargs: Any) -> Restorer:
         """Load the official SDXL base + SUPIR-v0Q/v0F checkpoints (`loading.open_checkpoint_engines`:
-        the torch backend's placement and speed options), or open exported engines from ``engines_dir``.
-        ``kwargs`` go to the `Restorer`."""
+        the torch backend's placement and speed options; ``devices``/``cfg_parallel``: split placement and
+        CFG-parallel, docs/scale.md), or open exported engines from ``engines_dir``. ``kwargs`` go to the
+        `Restorer`."""
         engines, config, desc = open_checkpoint_engines(
             sdxl, supir, device=device, dtype=dtype, backend=backend, engines_dir=engines_dir, config=config,
-            vae_dtype=vae_dtype, offload=offload, fp8_weights=fp8_weights, torch_options=torch_options)
+            vae_dtype=vae_dtype, offload=offload, fp8_weights=fp8_weights, torch_options=torch_options,
+            devices=devices, cfg_parallel=cfg_parallel)
         return cls(engines, config, description=desc, **kwargs)
 
     @classmethod
@@ -119,12 +122,14 @@ class Restorer:
     @classmethod
     def tiny_random(cls, *, seed: int = 0, device: str = "cpu", dtype: str = "fp32", backend: str = "torch",
                     engines_dir: str | Path | None = None, vae_dtype: str | None = None, offload: bool | None = None,
-                    fp8_weights: bool = False, torch_options: Any = None, **kwargs: Any) -> Restorer:
+                    fp8_weights: bool = False, torch_options: Any = None, devices: Sequence[str] | None = None,
+                    cfg_parallel: bool = False, **kwargs: Any) -> Restorer:
         """The whole pipeline on the tiny configuration with random weights (`loading.open_tiny_engines`):
         shows it runs end to end. **The output is not a restoration**."""
         engines, config, desc = open_tiny_engines(
             seed=seed, device=device, dtype=dtype, backend=backend, engines_dir=engines_dir, vae_dtype=vae_dtype,
-            offload=offload, fp8_weights=fp8_weights, torch_options=torch_options)
+            offload=offload, fp8_weights=fp8_weights, torch_options=torch_options, devices=devices,
+            cfg_parallel=cfg_parallel)
         return cls(engines, config, description=desc, **kwargs)
 
     # ------------------------------------------------------------------------------------- restoring
@@ -278,6 +283,9 @@ class Restorer:
     # ------------------------------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
+        if self.pipeline.tile_pool is not None:  # tile workers (`supir_rt.tile_workers.attach_tile_workers`)
+            self.pipeline.tile_pool.close()
+            self.pipeline.tile_pool = None
         for engine in self.engines.values():
             engine.close()
         if self.captioner is not None and hasattr(self.captioner, "close"):

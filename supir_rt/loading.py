@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,81 @@ def _memory_plan(device: torch.device, dtype: torch.dtype, vae_dtype: str | None
                                      vae_dtype=parse_dtype(vae_dtype) if vae_dtype else None)
     except ValueError as err:
         raise SetupError(f"--vae-dtype {vae_dtype}: {err}") from None
+
+
+def split_plan(devices: Sequence[str | torch.device], dtype: torch.dtype, vae_dtype: str | None,
+               model_config: ModelConfig, *, capacity: Callable[[torch.device], int] | None = None):
+    """Split placement over two devices (`MemoryPlan.split`: UNet + adaptor on the first; text encoders,
+    VAE and DR encoder on the second), after checking that both exist and that each holds its share's
+    weights plus the working memory of its largest network at 1024² (`supir_rt.memory`'s estimates: the
+    UNet's CFG pair, the VAE tiled as the tiling planner would). ``capacity(device) -> bytes`` defaults
+    to the GPU's total memory; larger images are then tiled by the tiling planner as on one device."""
+    from supir_rt.backends.placement import NETWORK_PARTS, MemoryPlan, weight_bytes_per_device
+    from supir_rt.tiling.policy import tiled_vae_bytes, unet_bytes
+    from supir_rt.model.supir import build_model
+
+    from supir_rt import cuda_runtime
+
+    devs = [check_device(d) for d in devices]
+    if len(devs) != 2 or devs[0] == devs[1]:
+        raise SetupError(f"--devices {','.join(map(str, devices))}: give two different devices, the first for the "
+                         "UNet + adaptor, the second for the text encoders and the VAE (e.g. cuda:0,cuda:1)")
+    for d in devs:
+        count = cuda_runtime.device_count()
+        if d.type == "cuda" and (d.index or 0) >= count:
+            raise SetupError(f"--devices: {d} does not exist; this machine has {count} CUDA device(s) "
+                             f"(cuda:0 .. cuda:{count - 1})")
+    try:
+        plan = MemoryPlan.split((devs[0], devs[1]), diffusion_dtype=dtype,
+                                vae_dtype=parse_dtype(vae_dtype) if vae_dtype else None)
+    except ValueError as err:
+        raise SetupError(f"--vae-dtype {vae_dtype}: {err}") from None
+    capacity = capacity or (lambda d: cuda_runtime.mem_get_info(d)[1] if d.type == "cuda" else None)
+    need = weight_bytes_per_device(plan, build_model(model_config, device="meta"))
+    latent = 1024 // 8
+    dtype_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    work = {devs[0]: unet_bytes(model_config, 1, latent, latent, dtype=dtype_name, backend="torch"),
+            devs[1]: tiled_vae_bytes(model_config, 1024, 1024, 512)}
+    for d, nbytes in need.items():
+        have = capacity(d)
+        if have is not None and nbytes + work[d] > have:
+            share = ", ".join(n for n in NETWORK_PARTS if plan.device_of(n) == d)
+            raise SetupError(f"--devices: {d} has {have / 2**30:.1f} GiB, too small for its share ({share}: "
+                             f"{nbytes / 2**30:.1f} GiB of weights + {work[d] / 2**30:.1f} GiB working memory at "
+                             "1024²); put the larger GPU first, or use one device with offloading")
+    return plan
+
+
+def _cfg_parallel(engines: dict[str, Engine], model: torch.nn.Module, plan: Any, devices: Sequence[str] | None,
+                  torch_options: Any, fp8_weights: bool, desc: dict[str, Any]) -> dict[str, Engine]:
+    """``engines`` with the unet_adaptor replaced by CFG-parallel over it and a copy of its weights on the
+    second of ``devices`` (allocated there directly, then copied from the first device tensor by tensor)."""
+    from supir_rt.backends.parallel import CFGParallelEngine
+    from supir_rt.backends.placement import NETWORK_PARTS, MemoryPlan, NetworkPlacement, build_placed_model
+    from supir_rt.backends.torch_backend import open_torch_engines
+
+    if not devices:
+        raise SetupError("--cfg-parallel needs --devices A,B: the second device runs the conditional half")
+    if fp8_weights:
+        raise SetupError("--cfg-parallel with --fp8-weights is not supported yet; drop one of them")
+    second = torch.device(devices[1])
+    meta = torch.device("meta")  # the twin holds only the UNet + adaptor; its other parts stay unallocated
+    twin_plan = MemoryPlan(second, {n: NetworkPlacement(p.dtype, True) for n, p in plan.networks.items()},
+                           {n: meta for n in NETWORK_PARTS if n != "unet_adaptor"})
+    with _loading_memory(twin_plan, model.config):
+        twin = build_placed_model(model.config, twin_plan, init=False, pin=False)
+        twin.model.load_state_dict(model.model.state_dict())
+    other = open_torch_engines(model=twin, plan=twin_plan, options=torch_options, networks=["unet_adaptor"])
+    desc["cfg_parallel"] = [str(plan.device_of("unet_adaptor")), str(second)]
+    log.info("CFG-parallel: unconditional half on %s, conditional half on %s", plan.device_of("unet_adaptor"), second)
+    return {**engines, "unet_adaptor": CFGParallelEngine(engines["unet_adaptor"], other["unet_adaptor"])}
+
+
+def _log_placement(plan: Any) -> dict[str, str]:
+    """The split placement, logged once and returned for the outputs' metadata."""
+    placement = plan.describe()
+    log.info("placement: %s", "; ".join(f"{k} {v}" for k, v in placement.items()))
+    return placement
 
 
 def _check_fp8(device: torch.device) -> None:
@@ -228,6 +304,7 @@ def open_checkpoint_engines(
     sdxl: str | Path, supir: str | Path, *, device: str = "cpu", dtype: str = "fp32", backend: str = "torch",
     engines_dir: str | Path | None = None, config: ModelConfig | None = None, vae_dtype: str | None = None,
     offload: bool | None = None, fp8_weights: bool = False, torch_options: Any = None,
+    devices: Sequence[str] | None = None, cfg_parallel: bool = False,
 ) -> tuple[dict[str, Engine], ModelConfig, dict[str, Any]]:
     """Load the official SDXL base + SUPIR-v0Q/v0F checkpoints (torch backend), or open exported
     engines from ``engines_dir`` (onnxruntime/tensorrt backends, which need no PyTorch model).
@@ -235,18 +312,23 @@ def open_checkpoint_engines(
     Torch backend only: ``vae_dtype`` (bf16 on CUDA, fp32 on CPU by default; fp16 is refused),
     ``offload`` (None: on CUDA, the VAE and text encoders visit the GPU only while they run),
     ``fp8_weights`` (UNet + adaptor weights stored in fp8, GPUs with compute capability 8.9+),
-    ``torch_options`` (`supir_rt.backends.torch_backend.TorchOptions`: compile, CUDA graphs)."""
+    ``torch_options`` (`supir_rt.backends.torch_backend.TorchOptions`: compile, CUDA graphs),
+    ``devices`` (two devices: split placement, `split_plan`; replaces ``device``), ``cfg_parallel``
+    (with ``devices``: a second UNet + adaptor on the second device runs the conditional half of
+    every CFG pair, `supir_rt.backends.parallel`); docs/scale.md."""
     config = config or ModelConfig.official()
     backend = _pick_backend(backend, engines_dir, device, config, dtype)
+    if devices and not backend.startswith("torch"):
+        raise SetupError(f"--devices (split placement) needs the torch backend, not {backend}")
     desc = {"backend": backend, "dtype": dtype, "device": str(device), "model": config.name,
             "sdxl": Path(sdxl).name if sdxl else None, "supir": Path(supir).name if supir else None}
     if backend.startswith("torch"):
         from supir_rt.backends.placement import build_placed_model
         from supir_rt.weights import load_checkpoints
 
-        dev, dt = check_device(device), parse_dtype(dtype)
+        dev, dt = check_device(devices[0] if devices else device), parse_dtype(dtype)
         _warn_precision(dev, dt)
-        plan = _memory_plan(dev, dt, vae_dtype, offload)
+        plan = split_plan(devices, dt, vae_dtype, config) if devices else _memory_plan(dev, dt, vae_dtype, offload)
         if fp8_weights:
             _check_fp8(dev)
         with _loading_memory(plan, config):
@@ -258,6 +340,10 @@ def open_checkpoint_engines(
                 _quantize_and_place(model, plan)
         engines = _open_torch(model, plan, torch_options, fp8_weights=False)
         desc.update(_torch_description(plan, torch_options, fp8_weights))
+        if devices:
+            desc["placement"] = _log_placement(plan)
+        if cfg_parallel:
+            engines = _cfg_parallel(engines, model, plan, devices, torch_options, fp8_weights, desc)
     else:
         engines = _open_artifact_engines(backend, config, engines_dir, dtype)
     return engines, config, desc
@@ -282,19 +368,22 @@ def open_exported_engines(
 def open_tiny_engines(
     *, seed: int = 0, device: str = "cpu", dtype: str = "fp32", backend: str = "torch",
     engines_dir: str | Path | None = None, vae_dtype: str | None = None, offload: bool | None = None,
-    fp8_weights: bool = False, torch_options: Any = None,
+    fp8_weights: bool = False, torch_options: Any = None, devices: Sequence[str] | None = None,
+    cfg_parallel: bool = False,
 ) -> tuple[dict[str, Engine], ModelConfig, dict[str, Any]]:
     """The whole pipeline on the tiny configuration with random weights: shows it runs end to end.
     **The output is not a restoration** (random networks produce noise-like images)."""
     from supir_rt.model.supir import build_model
 
     config = ModelConfig.tiny()
-    dev, dt = check_device(device), parse_dtype(dtype)
+    dev, dt = check_device(devices[0] if devices else device), parse_dtype(dtype)
     _warn_precision(dev, dt)
     # auto: torch, or with engines_dir the engine backend whose artifacts there are usable
     backend = _pick_backend(backend, engines_dir, dev, config, dtype)
+    if devices and not backend.startswith("torch"):
+        raise SetupError(f"--devices (split placement) needs the torch backend, not {backend}")
     if backend.startswith("torch"):
-        plan = _memory_plan(dev, dt, vae_dtype, offload)
+        plan = split_plan(devices, dt, vae_dtype, config) if devices else _memory_plan(dev, dt, vae_dtype, offload)
         if fp8_weights:
             _check_fp8(dev)
     else:
@@ -311,6 +400,10 @@ def open_tiny_engines(
 
         engines = _open_torch(place_model(model, plan), plan, torch_options, fp8_weights)
         desc.update(_torch_description(plan, torch_options, fp8_weights))
+        if devices:
+            desc["placement"] = _log_placement(plan)
+        if cfg_parallel:
+            engines = _cfg_parallel(engines, model, plan, devices, torch_options, fp8_weights, desc)
     else:
         try:
             from supir_rt.backends.onnx_export import export_all
@@ -327,4 +420,4 @@ def open_tiny_engines(
 
 
 __all__ = ["DTYPES", "SDXL_FILE", "SUPIR_FILES", "SetupError", "check_device", "open_checkpoint_engines", "open_exported_engines",
-           "open_tiny_engines", "parse_dtype", "tiny_engines_cache"]
+           "open_tiny_engines", "parse_dtype", "split_plan", "tiny_engines_cache"]

@@ -124,6 +124,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.skip_unused_work = skip_unused_work
         self.device = torch.device(engines["unet_adaptor"].device)
+        self.tile_pool: Any = None  # a `supir_rt.tile_workers.TilePool`: tiled steps run on its workers
         self._prompts: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
 
@@ -246,7 +247,8 @@ class Pipeline:
         if tiling.sampler_tiled:
             with phase("sampling", total=config.num_steps * tiling.tiles, unit="tile") as tiles:
                 return sample(engines, cond, uncond, x_center, noises, config, self.model_config, callback,
-                              tiling=tiling, progress=tiles.advance if active_progress() is not None else None)
+                              tiling=tiling, progress=tiles.advance if active_progress() is not None else None,
+                              tile_pool=self.tile_pool)
         with phase("sampling", total=config.num_steps, unit="step") as steps:
             return sample(engines, cond, uncond, x_center, noises, config, self.model_config,
                           _counting(steps, callback))

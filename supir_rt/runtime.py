@@ -56,6 +56,10 @@ class RuntimeOptions:
     compile_mode: str | None = None
     cuda_graphs: bool | None = None
     fp8_weights: bool = False
+    devices: tuple[str, ...] | None = None  # torch backend: split placement over two devices (docs/scale.md)
+    cfg_parallel: bool = False  # with devices: a UNet twin on the second runs the conditional CFG half
+    tile_workers: int = 0  # tiled steps on N Ray actors
+    ray_address: str | None = None  # None: a local Ray (127.0.0.1)
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,12 +69,51 @@ class RuntimeOptions:
         return [flag for flag, on in (
             ("--vae-dtype", self.vae_dtype), ("--no-offload", self.offload is False), ("--compile", self.compile),
             ("--compile-mode", self.compile_mode), ("--no-cuda-graphs", self.cuda_graphs is False),
-            ("--fp8-weights", self.fp8_weights)) if on]
+            ("--fp8-weights", self.fp8_weights), ("--devices", self.devices),
+            ("--cfg-parallel", self.cfg_parallel)) if on]
+
+    def scale(self) -> dict[str, Any]:
+        """`Restorer`'s several-devices keyword arguments (only those set), checked (docs/scale.md)."""
+        if self.devices and self.device:
+            raise SetupError("--device and --devices: give one of them (--devices A,B splits the networks over two)")
+        if self.ray_address and not self.tile_workers:
+            raise SetupError("--ray-address is for --tile-workers N; add it or drop --ray-address")
+        if self.tile_workers < 0:
+            raise SetupError(f"--tile-workers {self.tile_workers}: give at least 1")
+        out: dict[str, Any] = {}
+        if self.devices:
+            out["devices"] = list(self.devices)
+        if self.cfg_parallel:
+            out["cfg_parallel"] = True
+        if self.tile_workers:
+            out.update(tile_workers=self.tile_workers, ray_address=self.ray_address)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
 # flags
 # --------------------------------------------------------------------------------------------------
+
+
+def _devices(value: str) -> tuple[str, ...]:
+    devices = tuple(d.strip() for d in value.split(",") if d.strip())
+    if len(devices) != 2:
+        raise argparse.ArgumentTypeError(f"{value!r}: give two devices separated by a comma, e.g. cuda:0,cuda:1")
+    return devices
+
+
+def add_scale_options(parser: argparse.ArgumentParser) -> None:
+    """Several GPUs and machines for one restore (docs/scale.md)."""
+    m = parser.add_argument_group("several GPUs and machines (docs/scale.md)")
+    m.add_argument("--devices", type=_devices, default=None, metavar="A,B",
+                   help="split placement over two devices: UNet + adaptor on A, text encoders + VAE on B "
+                        "(e.g. cuda:0,cuda:1; PyTorch backend)")
+    m.add_argument("--cfg-parallel", action="store_true", default=None,
+                   help="with --devices: a second UNet + adaptor on B runs the conditional half of each CFG pair")
+    m.add_argument("--tile-workers", type=int, default=None, metavar="N",
+                   help="run the tiles of tiled sampler steps on N Ray actors (one GPU each on a GPU cluster)")
+    m.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster for --tile-workers: auto, ray://HOST:10001 or HOST:6379 (default: a local Ray)")
 
 
 def add_torch_options(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +149,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
                    help="precision of the diffusion networks (default fp32 on CPU, fp16 on CUDA) [--diff_dtype]")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     add_torch_options(parser)
+    add_scale_options(parser)
     r.add_argument("--max-pixels", type=int, default=None,
                    help="largest input image in pixels (decompression-bomb guard, default 64 Mpx)")
     r.add_argument("--tiny-random", action="store_true",
@@ -137,6 +181,8 @@ def options_from_args(args: argparse.Namespace, file_cfg: Mapping[str, Any] | No
         llava_dir=str(flag("llava_dir")) if flag("llava_dir") else None, vae_dtype=flag("vae_dtype"),
         offload=flag("offload"), compile=bool(flag("compile")), compile_mode=flag("compile_mode"),
         cuda_graphs=flag("cuda_graphs"), fp8_weights=bool(flag("fp8_weights")),
+        devices=flag("devices"), cfg_parallel=bool(flag("cfg_parallel")), tile_workers=flag("tile_workers") or 0,
+        ray_address=flag("ray_address"),
     )
 
 
@@ -252,7 +298,9 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
     from supir_rt import cuda_runtime
     from supir_rt.api import Restorer
 
-    device = options.device or ("cuda" if cuda_runtime.is_available() else "cpu")
+    scale = options.scale()
+    device = (options.devices[0] if options.devices else options.device) or (
+        "cuda" if cuda_runtime.is_available() else "cpu")
     dtype = options.dtype or ("fp16" if str(device).startswith("cuda") else "fp32")
     backend, engines_dir = options.backend, options.engines_dir
     given = options.torch_flags()
@@ -264,16 +312,42 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
         restorer_kwargs["captioner"] = make_captioner("llava", model_dir=options.llava_dir)
     elif options.captioner not in ("none", "llava"):
         raise SetupError(f"captioner {options.captioner!r}: choose none or llava")
+    workers, address = scale.pop("tile_workers", 0), scale.pop("ray_address", None)
+    artifacts = engines_dir is not None and backend != "torch" and not options.tiny_random
+    if artifacts and (scale or workers):
+        flags = [f"--{k.replace('_', '-')}" for k in scale] + (["--tile-workers"] if workers else [])
+        raise SetupError(f"{', '.join(flags)}: not available with --engines-dir yet; use the PyTorch backend with "
+                         "the checkpoint files")
+    if workers:
+        from supir_rt.tile_workers import connect_ray
+
+        connect_ray(address)  # before loading anything: an address that does not answer fails fast
     if options.tiny_random:
-        return Restorer.tiny_random(device=device, dtype=dtype, backend=backend, engines_dir=engines_dir,
-                                    **torch_options(options), **restorer_kwargs)
-    if engines_dir is not None and backend != "torch":
+        kwargs = dict(device=device, dtype=dtype, backend=backend, engines_dir=engines_dir, **torch_options(options))
+        return _with_workers(Restorer.tiny_random(**kwargs, **scale, **restorer_kwargs), "tiny_random", kwargs,
+                             workers, address)
+    if artifacts:
         return Restorer.from_engines(engines_dir, backend=backend, dtype=dtype, **restorer_kwargs)
     if not (options.sdxl and options.supir):
         raise SetupError("the weights are needed: pass --sdxl and --supir (or --weights-dir), or --engines-dir, "
                            "or --tiny-random")
-    return Restorer.from_weights(options.sdxl, options.supir, device=device, dtype=dtype, backend=backend,
-                                 engines_dir=engines_dir, **torch_options(options), **restorer_kwargs)
+    kwargs = dict(sdxl=options.sdxl, supir=options.supir, device=device, dtype=dtype, backend=backend,
+                  engines_dir=engines_dir, **torch_options(options))
+    return _with_workers(Restorer.from_weights(**kwargs, **scale, **restorer_kwargs), "from_weights", kwargs,
+                         workers, address)
+
+
+def _with_workers(restorer: Any, constructor: str, kwargs: dict[str, Any], workers: int, address: str | None) -> Any:
+    """``restorer`` with ``workers`` tile workers built like it (one device each: ``cuda`` as Ray
+    assigns it, or the CPU), or as it is when no workers are asked for."""
+    if not workers:
+        return restorer
+    from supir_rt.tile_workers import WorkerRecipe, attach_tile_workers
+
+    device = "cuda" if str(kwargs["device"]).startswith("cuda") else "cpu"
+    recipe = WorkerRecipe(constructor, {**kwargs, "device": device, "progress": False, "max_pixels": None})
+    attach_tile_workers(restorer, recipe, workers, address)
+    return restorer
 
 
 def torch_options(options: RuntimeOptions) -> dict[str, Any]:

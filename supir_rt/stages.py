@@ -179,8 +179,9 @@ class Stage1:
 
 def stage1(engines: Mapping[str, Engine], lq: torch.Tensor) -> Stage1:
     """`encode_first_stage_with_denoise` (mean) and `decode_first_stage`: control latent + stage-1 image."""
-    latent = _infer(engines["dr_encoder"], image=lq)["latent"].clone()
-    image = _infer(engines["vae_decoder"], latent=latent)["image"].clone()
+    # copies on lq's device (a split placement runs the VAE on another GPU than the sampler)
+    latent = _infer(engines["dr_encoder"], image=lq)["latent"].to(lq.device, copy=True)
+    image = _infer(engines["vae_decoder"], latent=latent)["image"].to(lq.device, copy=True)
     return Stage1(control_latent=latent, image=image)
 
 
@@ -263,6 +264,7 @@ def sample(
     *,
     tiling: TilingPlan | None = None,
     progress: ProgressFn | None = None,
+    tile_pool: Any = None,
 ) -> torch.Tensor:
     """Initial noise (one draw per request), then the sampler ``config.sampler`` names, for a batch of B
     restores: ``cond`` / ``uncond`` / ``x_center`` hold B samples and ``noise`` one `NoiseSource` per
@@ -277,7 +279,9 @@ def sample(
 
     With a ``tiling`` plan whose sampler is tiled, the same sampler runs over a `TiledDenoiser`
     (`supir_rt.tiling`), which calls ``progress(n)`` after every batch of n tiles; the EDM sampler then
-    draws its churn noise every step, as the official tiled sampler does.
+    draws its churn noise every step, as the official tiled sampler does. With a ``tile_pool``
+    (`supir_rt.tile_workers.TilePool`) its tile batches run on the pool's workers; the blend and the
+    sampler update stay here.
     """
     control_latent = cond["control"]
     table = legacy_ddpm_sigmas(model_config.denoiser_config).to(control_latent.device)
@@ -297,7 +301,7 @@ def sample(
     if tiled:
         grid = TileGrid.build(*control_latent.shape[-2:], tiling.tile, tiling.stride, control_latent.device)
         denoiser = TiledDenoiser(network, cond, uncond, cfg, control, grid, tile_batch=tiling.tile_batch,
-                                 progress=progress)
+                                 progress=progress, runner=tile_pool)
     else:
         denoiser = GuidedDenoiser(network, cond, uncond, cfg, control)
     if dpmpp:
@@ -338,7 +342,7 @@ def needs_x_center(config: RestoreConfig) -> bool:
 
 def decode(engines: Mapping[str, Engine], latent: torch.Tensor) -> torch.Tensor:
     """`decode_first_stage`: scaled latent -> image (not clamped). Non-finite values raise."""
-    image = _infer(engines["vae_decoder"], latent=latent)["image"].clone()
+    image = _infer(engines["vae_decoder"], latent=latent)["image"].to(latent.device, copy=True)
     bad = int((~torch.isfinite(image)).sum())
     if bad or not torch.isfinite(latent).all():
         raise NonFiniteOutputError(

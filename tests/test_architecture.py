@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("tiling", ["supir_rt.tiling", "supir_rt.backends.tiled_vae"]),
     ("pipeline", ["supir_rt.stages", "supir_rt.pipeline", "supir_rt.batching"]),
     ("api", ["supir_rt.loading", "supir_rt.api"]),
-    ("runtime", ["supir_rt.runtime"]),
+    ("runtime", ["supir_rt.runtime", "supir_rt.tile_workers"]),
     ("entry points", ["supir_rt.cli", "supir_rt.caption.cli", "supir_rt.serve", "supir_rt.ui"]),
 ]
 

@@ -66,6 +66,8 @@ class MemoryPlan:
 
     device: torch.device
     networks: Mapping[str, NetworkPlacement] = field(default_factory=dict)
+    # split placement: network -> its own compute device (others use ``device``); see `MemoryPlan.split`
+    devices: Mapping[str, torch.device] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # one device object per GPU: an index-less "cuda" never equals the "cuda:0" its tensors report
@@ -97,9 +99,29 @@ class MemoryPlan:
         nets.update({name: NetworkPlacement(vae, not away) for name in VAE_NETWORKS})
         return cls(device, nets)
 
+    @classmethod
+    def split(cls, devices: tuple[str | torch.device, str | torch.device], *, diffusion_dtype: torch.dtype | None = None,
+              vae_dtype: torch.dtype | None = None, text_dtype: torch.dtype | None = None) -> MemoryPlan:
+        """Split placement over two devices: the UNet + adaptor on the first, the text encoders, the VAE and
+        the DR encoder on the second, all resident (no offloading: each card holds its share for good).
+        Dtypes as `for_device` (fp16 UNet, bf16 VAE, fp16 text encoders on CUDA)."""
+        first, second = (torch.device(d) for d in devices)
+        base = cls.for_device(first, diffusion_dtype=diffusion_dtype, vae_dtype=vae_dtype, text_dtype=text_dtype,
+                              offload=False)
+        return cls(first, base.networks, {name: second for name in NETWORK_PARTS if name != "unet_adaptor"})
+
+    def device_of(self, network: str) -> torch.device:
+        """The device the network computes on."""
+        return self.devices.get(network, self.device)
+
     def home(self, network: str) -> torch.device:
         """Where the network's weights are between calls."""
-        return self.device if self.networks[network].resident else torch.device("cpu")
+        return self.device_of(network) if self.networks[network].resident else torch.device("cpu")
+
+    def describe(self) -> dict[str, str]:
+        """Network -> "dtype on device" (and "offloaded" when it visits the device only while it runs)."""
+        return {name: f"{str(p.dtype).removeprefix('torch.')} on {self.device_of(name)}"
+                      + ("" if p.resident else " (offloaded)") for name, p in self.networks.items()}
 
     def part_placements(self) -> dict[str, tuple[torch.device, torch.dtype]]:
         """Model part -> (home device, dtype); a part shared by two networks must agree."""
@@ -120,6 +142,15 @@ class MemoryPlan:
         host = sum(v for p, v in sizes.items() if p not in resident)
         visiting = [sum(sizes[p] for p in parts if p not in resident) for parts in NETWORK_PARTS.values()]
         return {"device": device, "host": host, "device_peak": device + max(visiting)}
+
+
+def weight_bytes_per_device(plan: MemoryPlan, model: nn.Module) -> dict[torch.device, int]:
+    """Bytes of resident weights on each compute device of the plan (works on a meta-device model)."""
+    out: dict[torch.device, int] = {}
+    for part, (home, dtype) in plan.part_placements().items():
+        if home.type != "cpu" or plan.device.type == "cpu":
+            out[home] = out.get(home, 0) + _bytes(model.get_submodule(part), dtype)
+    return out
 
 
 def _bytes(module: nn.Module, dtype: torch.dtype) -> int:
@@ -222,7 +253,7 @@ class Offloader:
 def offloaders(model: nn.Module, plan: MemoryPlan, log: list[tuple[str, str]] | None = None) -> dict[str, Offloader]:
     """One `Offloader` per network, over the parts of ``model`` that network reads (sharing ``log``)."""
     log = [] if log is None else log
-    return {name: Offloader([model.get_submodule(p) for p in parts], plan.device,
+    return {name: Offloader([model.get_submodule(p) for p in parts], plan.device_of(name),
                             resident=plan.networks[name].resident, name=name, log=log)
             for name, parts in NETWORK_PARTS.items()}
 
@@ -237,5 +268,5 @@ def plan_from_model(model: nn.Module) -> MemoryPlan:
 
 __all__ = [
     "MemoryPlan", "NETWORK_PARTS", "NetworkPlacement", "OOM_ADVICE", "Offloader", "build_placed_model",
-    "offloaders", "pin_host_memory", "place_model", "plan_from_model",
+    "offloaders", "pin_host_memory", "place_model", "plan_from_model", "weight_bytes_per_device",
 ]

@@ -311,7 +311,7 @@ def open_torch_engines(*, model: nn.Module, plan: MemoryPlan | None = None, opti
     engines = {}
     for name in networks:
         cls, dtype = NETWORK_MODULES[name], plan.networks[name].dtype
-        engine = TorchEngine(cls(model), specs[name], plan.device, dtype, validate=validate,
+        engine = TorchEngine(cls(model), specs[name], plan.device_of(name), dtype, validate=validate,
                              offloader=places[name], channels_last=channels_last)
         if options.compile and name in options.compile_networks:
             engine.call = CompiledCall(engine.module, name, mode=options.compile_mode, backend=options.compile_backend)

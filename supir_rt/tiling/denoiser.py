@@ -23,6 +23,7 @@ network's own batch-size invariance.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -47,13 +48,16 @@ class TiledDenoiser:
     are added with the float64 Gaussian weights into a float32 buffer in window order and divided by the
     summed weights. ``conditioning`` optionally gives each tile its own text conditioning
     (`TileConditioning`); by default every tile uses ``cond`` / ``uncond``. ``progress(n)`` is told
-    after every batch of n tiles.
+    after every batch of n tiles. ``runner`` (a `supir_rt.tile_workers.TilePool`) runs the batches of
+    each step elsewhere and in parallel (`runner.bind(self)` once; its ``iter_tiles(x_tiles, σ̂, σ)``
+    yields each batch's D in window order, computed by `denoise_batch` on the workers); the blend stays
+    here.
     """
 
     def __init__(
         self, model: ConditionedDenoiser, cond: Mapping[str, torch.Tensor], uncond: Mapping[str, torch.Tensor],
         cfg: LinearCFG, control: ControlScale, grid: TileGrid, *, tile_batch: int = 1,
-        conditioning: TileConditioning | None = None, progress: ProgressFn | None = None,
+        conditioning: TileConditioning | None = None, progress: ProgressFn | None = None, runner: Any = None,
     ) -> None:
         if tile_batch < 1:
             raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
@@ -78,23 +82,33 @@ class TiledDenoiser:
                 start += len(batch)
                 self.text.append({k: torch.cat([t[1][k] for t in tiles] + [t[0][k] for t in tiles]) for k in keys})
         self.lq_tiles = [torch.cat([gather(self.lq, b)] * 2) for b in self.batches]  # [lq, lq] per batch
+        # a `TileRunner` (e.g. `supir_rt.tile_workers.TilePool`) runs the batches elsewhere, in parallel
+        self.runner = runner.bind(self) if runner is not None else None
 
     def scales(self, sigma_hat: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cfg(sigma_hat), self.control(sigma)
 
+    def denoise_batch(self, j: int, xt: torch.Tensor, sigma_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Guided D of batch ``j`` of windows: ``xt`` (n·B, C, th, tw) its tiles of x, σ̂ and σ per image (B,)."""
+        n = len(self.batches[j])
+        cfg_scale, control_scale = self.scales(sigma_hat, sigma)
+        s_hat = sigma_hat.repeat(n)
+        out = self.model(torch.cat([xt, xt]), torch.cat([s_hat, s_hat]), {**self.text[j], "control": self.lq_tiles[j]},
+                         control_scale)
+        d_uncond, d_cond = out.chunk(2)
+        return d_uncond + append_dims(cfg_scale.repeat(n), xt.ndim) * (d_cond - d_uncond)
+
     def __call__(self, x: torch.Tensor, sigma_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         images = x.shape[0]
         sigma_hat, sigma = per_sample(sigma_hat, images, x), per_sample(sigma, images, x)
-        cfg_scale, control_scale = self.scales(sigma_hat, sigma)
         blended = torch.zeros_like(x)
         weights = self.grid.weights
-        for batch, text, lq in zip(self.batches, self.text, self.lq_tiles):
+        if self.runner is not None:  # every batch of the step handed over at once, results in window order
+            results = self.runner.iter_tiles([gather(x, batch) for batch in self.batches], sigma_hat, sigma)
+        else:
+            results = (self.denoise_batch(j, gather(x, batch), sigma_hat, sigma) for j, batch in enumerate(self.batches))
+        for batch, denoised in zip(self.batches, results):
             n = len(batch)
-            xt = gather(x, batch)  # (n·B, C, th, tw)
-            s_hat = sigma_hat.repeat(n)
-            out = self.model(torch.cat([xt, xt]), torch.cat([s_hat, s_hat]), {**text, "control": lq}, control_scale)
-            d_uncond, d_cond = out.chunk(2)
-            denoised = d_uncond + append_dims(cfg_scale.repeat(n), xt.ndim) * (d_cond - d_uncond)
             for i, (a, b, c, e) in enumerate(batch):
                 blended[..., a:b, c:e] += denoised[i * images:(i + 1) * images] * weights
             if self.progress is not None:

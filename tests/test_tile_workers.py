@@ -1,0 +1,149 @@
+"""Tile-parallel sampling over Ray actors (`supir_rt.tile_workers`) on a local Ray (127.0.0.1, 2 CPUs).
+
+The expected latent is the single-process tiled sampler's (`stages.sample` over the local
+`TiledDenoiser`). Each worker builds its own engine from the same recipe (tiny-random, seed 0) and
+receives exactly the tile batches the single process runs (`tile_batch` tiles per call), so every
+batch is the same computation on the same weights: the latents must be bitwise equal (max abs
+difference 0). The driver runs with one intra-op thread here, as the Ray workers do (Ray sets
+OMP_NUM_THREADS=1 for a 1-CPU actor): oneDNN's convolution results can depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from supir_rt.tiling.policy import TilingPlan
+from supir_rt.noise import NoiseSource
+from supir_rt.restore_config import RestoreConfig
+from supir_rt.tile_workers import TilePool, TileWorkerError, WorkerRecipe, engine_identity
+
+ray = pytest.importorskip("ray")
+
+RECIPE = WorkerRecipe("tiny_random", {"seed": 0})
+PLAN = TilingPlan(sampler_tiled=True, vae_tiled=False, tile=(16, 16), stride=8, tiles=4, tile_batch=1)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=80 * 2**20,
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def restorer():
+    from supir_rt import Restorer
+
+    with Restorer.tiny_random(seed=0) as r:
+        yield r
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _inputs(restorer):
+    g = torch.Generator().manual_seed(7)
+    control, x_center = torch.randn(1, 4, 24, 24, generator=g), torch.randn(1, 4, 24, 24, generator=g)
+    from supir_rt.stages import prepare_condition
+
+    cond, uncond = prepare_condition(restorer.pipeline.embed("a photo"), restorer.pipeline.embed("blurry"), control)
+    return cond, uncond, x_center
+
+
+def _sample(restorer, config, pool=None, callback=None):
+    from supir_rt.stages import sample
+
+    cond, uncond, x_center = _inputs(restorer)
+    return sample(restorer.engines, cond, uncond, x_center, NoiseSource(config.seed), config, restorer.model_config,
+                  callback, tiling=PLAN, tile_pool=pool)
+
+
+@pytest.mark.parametrize("sampler", ["edm", "dpmpp2m-sde"])
+def test_two_workers_give_the_single_process_latent(local_ray, restorer, one_thread, sampler):
+    config = RestoreConfig(num_steps=3, seed=11, sampler=sampler, s_churn=2.0)
+    want = _sample(restorer, config)
+    with TilePool(RECIPE, 2, expected=engine_identity(restorer.engines["unet_adaptor"])) as pool:
+        got = _sample(restorer, config, pool)
+    assert (got - want).abs().max().item() == 0.0
+
+
+def test_a_worker_killed_mid_restore_has_its_tiles_rerun_on_the_other(local_ray, restorer, one_thread):
+    """Documented behaviour: the dead worker's tiles run on the survivors, the latent is unchanged."""
+    config = RestoreConfig(num_steps=3, seed=11)
+    want = _sample(restorer, config)
+    with TilePool(RECIPE, 2) as pool:
+        victim = pool.actors[1]
+        steps = []
+
+        def kill_after_first_step(info):
+            steps.append(info.index)
+            if info.index == 0:
+                ray.kill(victim)
+
+        got = _sample(restorer, config, pool, callback=kill_after_first_step)
+        assert pool.alive == [0]
+    assert steps == [0, 1, 2]
+    assert (got - want).abs().max().item() == 0.0
+
+
+def test_all_workers_dead_is_one_clear_error(local_ray, restorer):
+    config = RestoreConfig(num_steps=2, seed=11)
+    with TilePool(RECIPE, 1) as pool:
+        with pytest.raises(TileWorkerError, match="all 1 tile workers died"):
+            _sample(restorer, config, pool, callback=lambda info: ray.kill(pool.actors[0]))
+
+
+def test_workers_with_other_weights_are_refused_before_the_first_step(local_ray, restorer):
+    expected = engine_identity(restorer.engines["unet_adaptor"])
+    with pytest.raises(TileWorkerError, match="tile worker 0 runs a different unet_adaptor.*weights_sha256"):
+        TilePool(WorkerRecipe("tiny_random", {"seed": 1}), 1, expected=expected)
+    with pytest.raises(TileWorkerError, match="supir_rt"):
+        TilePool(RECIPE, 1, expected={**expected, "supir_rt": "0.0.0-other"})
+
+
+def test_a_ray_address_that_does_not_answer_is_one_clear_error():
+    """In a fresh process (this one may already be connected to the local Ray)."""
+    code = ("from supir_rt.tile_workers import connect_ray, TileWorkerError\n"
+            "try:\n    connect_ray('127.0.0.1:9')\nexcept TileWorkerError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ERR --ray-address 127.0.0.1:9: nothing answers there" in out.stdout, out.stdout + out.stderr
+
+
+def test_cli_tile_workers_give_the_single_process_image(tmp_path):
+    """`supir-rt restore --tiny-random --tiling on ... --tile-workers 2` (a local Ray the command starts)
+    writes the image the same command writes without workers, and records the workers in its metadata.
+    One intra-op thread in both runs (see the module docstring)."""
+    import json
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(src)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    common = [sys.executable, "-m", "supir_rt.cli", "restore", "--tiny-random", str(src), "--steps", "2",
+              "--tiling", "on", "--tile-size", "128", "--tile-stride", "64", "-q"]
+    outs = {}
+    for name, extra in (("single", []), ("workers", ["--tile-workers", "2"])):
+        outs[name] = tmp_path / f"{name}.png"
+        run = subprocess.run([*common, "-o", str(outs[name]), *extra], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    single, workers = (np.asarray(Image.open(outs[n])) for n in ("single", "workers"))
+    assert np.array_equal(single, workers)
+    meta = json.loads(Image.open(outs["workers"]).text["supir-rt"])
+    # 80x64 at min-size 256 -> 320x256 px -> a 40x32 latent; 16-px tiles at stride 8: 4 x 3 windows
+    assert meta["runtime"]["tile_workers"] == 2 and meta["tiling"]["sampler_tiles"] == 4 * 3
