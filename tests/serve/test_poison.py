@@ -80,24 +80,19 @@ def test_triton_batch_with_one_bad_request(model, reference_restorer):
 def test_unexpected_failure_fails_only_its_request(model, monkeypatch, reference_restorer):
     """A request whose run raises something unforeseen (a bug, an engine error) gets a JSON 500 without
     traceback or path; its batch neighbours, first tried together with it, are answered."""
-    pipeline = model.worker.restorer.pipeline
-    real_run, real_batch = pipeline.run, worker_module.run_batch
+    pipeline = model.worker.restorer.pipeline  # the one composition: a single restore is a batch of one
+    real_batch = pipeline.run_batch
 
     def poisoned(config: RestoreConfig) -> None:
         if config.seed == 666:
             raise RuntimeError(f"CUDA error: an illegal memory access was encountered in {SECRET}")
 
-    def run(image, config, **kw):
-        poisoned(config)
-        return real_run(image, config, **kw)
-
-    def run_batch(pipe, items, **kw):
+    def run_batch(items, **kw):
         for item in items:
             poisoned(item.config)
-        return real_batch(pipe, items, **kw)
+        return real_batch(items, **kw)
 
-    monkeypatch.setattr(pipeline, "run", run)
-    monkeypatch.setattr(worker_module, "run_batch", run_batch)
+    monkeypatch.setattr(pipeline, "run_batch", run_batch)
     seeds = [21, 666, 22, 23]
     answers = model.infer([(png_bytes(0), json.dumps({**FAST, "seed": s}).encode()) for s in seeds])
     for seed, (png, err) in zip(seeds, answers):
@@ -123,14 +118,14 @@ def test_cancelled_or_expired_work_stops_between_steps(model):
     config = RestoreConfig(**{**FAST, "num_steps": 400})
     steps = []
     pipeline = model.worker.restorer.pipeline
-    real_run = pipeline.run
+    real_run = pipeline.run_batch
 
     def counting_run(*args, callback=None, **kw):
         return real_run(*args, callback=lambda info: (steps.append(info.index), callback(info)), **kw)
 
     job = Job(image=decode_image(png_bytes(0)), config=config)
     threading.Timer(1.0, lambda: setattr(job, "cancelled", True)).start()
-    pipeline.run = counting_run
+    pipeline.run_batch = counting_run
     try:
         [outcome] = model.worker.run([job])
         assert outcome.error is not None and outcome.error.kind == "cancelled", outcome
@@ -142,7 +137,7 @@ def test_cancelled_or_expired_work_stops_between_steps(model):
         [outcome] = model.worker.run([Job(image=decode_image(png_bytes(0)), config=config, deadline=time.time() - 1)])
         assert outcome.error.kind == "timeout" and not [s for s in steps if s > 400]  # never started
     finally:
-        pipeline.run = real_run
+        pipeline.run_batch = real_run
 
 
 def test_default_processing_limit_follows_the_device():
