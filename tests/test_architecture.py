@@ -134,10 +134,7 @@ def test_servers_and_ui_use_the_runtime_not_the_cli():
 
 
 def test_no_module_is_longer_than_the_limit():
-    # tensorrt_backend.py is being split by its own issue (20); drop it from here when that lands
-    exempt = {"supir_rt.backends.tensorrt_backend"}
-    long = {m: n for m, p in MODULES.items() if m not in exempt
-            and (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, long
 
 
