@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supir_rt.runtime import add_torch_options
+from supir_rt.runtime import BACKENDS, add_torch_options
 from supir_rt.serve.protocol import DEFAULT_PROCESSING_PIXELS, Limits
 
 DEFAULT_PORT = 8000
@@ -36,7 +36,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--weights-dir", type=Path, help="folder holding both checkpoints")
     r.add_argument("--supir-variant", choices=("Q", "F", "q", "f"), default=None, help="SUPIR file to look for (Q)")
     r.add_argument("--engines-dir", type=Path, help="exported engines (onnxruntime/tensorrt backends)")
-    r.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "onnxruntime-cuda", "tensorrt", "tensorrt-rtx"), default="auto")
+    r.add_argument("--backend", choices=BACKENDS, default="auto")
     r.add_argument("--device", default=None, help="cpu, cuda (default: cuda when the replica has a GPU)")
     r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp16 on cuda, fp32 on cpu")
     r.add_argument("--captioner", choices=("none", "llava"), default="none", help="captioner for /v1/caption")
