@@ -42,7 +42,7 @@ def unet_batch_sizes(restorer):
     calls: list[int] = []
     unet = restorer.engines["unet_adaptor"]
     original = unet.infer
-    unet.infer = lambda feed: calls.append(feed["x_in"].shape[0]) or original(feed)
+    unet.infer = lambda feed, **kw: calls.append(feed["x_in"].shape[0]) or original(feed, **kw)
     try:
         yield calls
     finally:

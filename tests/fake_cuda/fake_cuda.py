@@ -408,18 +408,26 @@ class _DispatchMode(TorchDispatchMode):
 
         plain_args, plain_kwargs = tree_map(unwrap, args), tree_map(unwrap, kwargs)
         target = kwargs.get("device")
+        # a device given positionally (``t.to(device, dtype)`` reaches here as ``aten.to.device``)
+        at = next((i for i, a in enumerate(args) if isinstance(a, torch.device)), None) if target is None else None
+        if at is not None:
+            target = args[at]
         plain_kwargs.pop("pin_memory", None)
         if target is not None:
             target = torch.device(_cuda0(target))
             if target.type == "cuda":
                 fake.check_index(target)
-                plain_kwargs["device"] = torch.device("cpu")
+                if at is None:
+                    plain_kwargs["device"] = torch.device("cpu")
+                else:
+                    plain_args = (*plain_args[:at], torch.device("cpu"), *plain_args[at + 1:])
         out_device = target if target is not None else self._common_device(func, inputs)
         if func is aten._local_scalar_dense.default and isinstance(args[0], FakeCudaTensor):
             fake.host_read(".item()", args[0])
-        if func is aten._to_copy.default and isinstance(args[0], FakeCudaTensor) and out_device.type == "cpu":
+        moves = (aten._to_copy.default, aten.to.device)
+        if func in moves and isinstance(args[0], FakeCudaTensor) and out_device.type == "cpu":
             fake.host_read("copy to the host", args[0])
-        if func is aten._to_copy.default and not isinstance(args[0], FakeCudaTensor) and out_device.type == "cuda":
+        if func in moves and not isinstance(args[0], FakeCudaTensor) and out_device.type == "cuda":
             fake.copies_to_device.append((fake.is_pinned(args[0]), bool(kwargs.get("non_blocking")),
                                           args[0].numel() * args[0].element_size()))
         if func in COMPUTE_OPS:
