@@ -319,9 +319,8 @@ def test_tensorrt_10_and_11_are_both_accepted(monkeypatch, version):
     assert tb.require_tensorrt() is fake_tensorrt
 
 
+@pytest.mark.parametrize("fake", ["trt10"], indirect=True)
 def test_tensorrt_10_0_uses_the_v1_memory_calls(fake, tiny_config, folder, ort_engines, monkeypatch):
-    if (fake_tensorrt.STATE.version, flavour()) != SURFACES["trt10"]:
-        pytest.skip("runs once, from the TensorRT 10.x surface")
     use_surface(monkeypatch, "10.0.1")
     build(tiny_config, folder, networks=["vae_decoder"])
     engine = open_trt(tiny_config, folder, networks=["vae_decoder"])["vae_decoder"]
@@ -360,9 +359,8 @@ def test_matching_plan_is_reused_and_timing_cache_kept(fake, tiny_config, folder
         build(tiny_config, folder)
 
 
+@pytest.mark.parametrize("fake", ["trt10", "trt11"], indirect=True)
 def test_timing_cache_from_another_gpu_is_replaced(fake, tiny_config, folder, caplog):
-    if flavour() == "tensorrt-rtx":
-        pytest.skip("TensorRT-RTX keeps no timing cache")
     build(tiny_config, folder, networks=["text_encoders"])
     cache = folder / timing_cache_name((8, 9), fake_tensorrt.STATE.version)
     data = json.loads(cache.read_bytes()[len(fake_tensorrt.CACHE_MAGIC):])
@@ -747,9 +745,8 @@ def test_output_buffers_are_checked_against_tensorrt_shapes(fake, tiny_config, f
         engine.infer(feed)
 
 
+@pytest.mark.parametrize("fake", ["rtx"], indirect=True)
 def test_rtx_runtime_cache_is_kept_beside_the_plan(fake, tiny_config, folder, caplog):
-    if flavour() != "tensorrt-rtx":
-        pytest.skip("TensorRT-RTX only")
     caplog.set_level(logging.INFO)
     build(tiny_config, folder, networks=["vae_decoder"])
     cache = plan_of(folder, "vae_decoder").with_name(plan_of(folder, "vae_decoder").name + ".runtime.cache")
