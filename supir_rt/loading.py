@@ -300,6 +300,19 @@ def _open_artifact_engines(backend: str, config: ModelConfig, engines_dir: str |
 
 
 
+
+def _with_scale(engines: dict[str, Engine], model: torch.nn.Module, plan: Any, desc: dict[str, Any], *,
+                devices: Sequence[str] | None, cfg_parallel: bool, torch_options: Any,
+                fp8_weights: bool) -> dict[str, Engine]:
+    """The torch backend's description in ``desc`` (placement with ``devices``), and with ``cfg_parallel``
+    the UNet twin on the second device (`_cfg_parallel`)."""
+    desc.update(_torch_description(plan, torch_options, fp8_weights))
+    if devices:
+        desc["placement"] = _log_placement(plan)
+    if cfg_parallel:
+        engines = _cfg_parallel(engines, model, plan, devices, torch_options, fp8_weights, desc)
+    return engines
+
 def open_checkpoint_engines(
     sdxl: str | Path, supir: str | Path, *, device: str = "cpu", dtype: str = "fp32", backend: str = "torch",
     engines_dir: str | Path | None = None, config: ModelConfig | None = None, vae_dtype: str | None = None,
@@ -338,12 +351,9 @@ def open_checkpoint_engines(
             load_checkpoints(model, sdxl=sdxl, supir=supir)
             if fp8_weights:  # quantised on the host, so the GPU never holds the fp16 UNet
                 _quantize_and_place(model, plan)
-        engines = _open_torch(model, plan, torch_options, fp8_weights=False)
-        desc.update(_torch_description(plan, torch_options, fp8_weights))
-        if devices:
-            desc["placement"] = _log_placement(plan)
-        if cfg_parallel:
-            engines = _cfg_parallel(engines, model, plan, devices, torch_options, fp8_weights, desc)
+        engines = _with_scale(_open_torch(model, plan, torch_options, fp8_weights=False), model, plan, desc,
+                              devices=devices, cfg_parallel=cfg_parallel, torch_options=torch_options,
+                              fp8_weights=fp8_weights)
     else:
         engines = _open_artifact_engines(backend, config, engines_dir, dtype)
     return engines, config, desc
@@ -398,12 +408,9 @@ def open_tiny_engines(
     if backend.startswith("torch"):
         from supir_rt.backends.placement import place_model
 
-        engines = _open_torch(place_model(model, plan), plan, torch_options, fp8_weights)
-        desc.update(_torch_description(plan, torch_options, fp8_weights))
-        if devices:
-            desc["placement"] = _log_placement(plan)
-        if cfg_parallel:
-            engines = _cfg_parallel(engines, model, plan, devices, torch_options, fp8_weights, desc)
+        engines = _with_scale(_open_torch(place_model(model, plan), plan, torch_options, fp8_weights), model, plan,
+                              desc, devices=devices, cfg_parallel=cfg_parallel, torch_options=torch_options,
+                              fp8_weights=fp8_weights)
     else:
         try:
             from supir_rt.backends.onnx_export import export_all
