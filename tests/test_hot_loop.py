@@ -16,7 +16,7 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import supir_rt.pipeline as pipeline_module
+import supir_rt.stages as stages_module
 from supir_rt.api import Restorer
 from supir_rt.restore_config import RestoreConfig
 
@@ -46,7 +46,7 @@ def restorer():
 def _sample_under(mode_factory, monkeypatch):
     """Run the sampler of the next restore inside a fresh mode; returns the modes used."""
     modes = []
-    real = pipeline_module.sample_restore_edm
+    real = stages_module.sample_restore_edm
 
     def watched(*args, **kwargs):
         mode = mode_factory()
@@ -54,7 +54,7 @@ def _sample_under(mode_factory, monkeypatch):
         with mode:
             return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "sample_restore_edm", watched)
+    monkeypatch.setattr(stages_module, "sample_restore_edm", watched)
     return modes
 
 
