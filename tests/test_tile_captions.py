@@ -211,11 +211,9 @@ def test_cli_flag(restorer, monkeypatch, tmp_path):
     from supir_rt.cli import main
     from supir_rt.images import read_metadata
 
-    captioner = ColourCaptioner()
-
-    class Shared:  # the module's restorer with the fake captioner, not closed by the command
+    class Shared:  # the module's restorer (with the fake captioner set below), not closed by the command
         def __getattr__(self, name):
-            return captioner if name == "captioner" else getattr(restorer, name)
+            return getattr(restorer, name)
 
         def close(self) -> None:
             pass
@@ -223,6 +221,7 @@ def test_cli_flag(restorer, monkeypatch, tmp_path):
     src, out = tmp_path / "in.png", tmp_path / "out.png"
     quadrants().save(src)
     monkeypatch.setattr("supir_rt.cli.restore.build_restorer", lambda args, file_cfg: Shared())
+    monkeypatch.setattr(restorer, "captioner", ColourCaptioner())
     flags = ["--steps", "1", "--min-size", str(SIZE), "--seed", "3", "--restore-cfg", "2", "--tiling", "on",
              "--tile-size", "128", "--tile-stride", "64", "--vae-tiling", "none", "--tile-batch", "3",
              "--tile-captions"]
