@@ -40,7 +40,7 @@ from supir_rt.stages import (  # noqa: F401 - re-exported: the stages were part 
     postprocess, prepare_condition, preprocess, processing_sizes, resolve_seed, sample, snap, stage1,
 )
 from supir_rt.tiling.policy import TilingPlan, TilingSettings, plan_tiling
-from supir_rt.tiling.windows import TileGrid
+from supir_rt.tiling.windows import sliding_windows
 
 log = logging.getLogger(__name__)
 
@@ -265,15 +265,14 @@ class Pipeline:
         (prep,), (request,) = prepared, requests
         config = request.config
         factor = self.model_config.first_stage_config.downsample_factor
-        grid = TileGrid.build(*prep.cond["control"].shape[-2:], tiling.tile, tiling.stride, "cpu")
-        boxes = [(left * factor, top * factor, right * factor, bottom * factor)
-                 for top, bottom, left, right in grid.windows]
+        windows = sliding_windows(*prep.cond["control"].shape[-2:], tiling.tile, tiling.stride)  # the sampler's
+        boxes = [(left * factor, top * factor, right * factor, bottom * factor) for top, bottom, left, right in windows]
         crops = [Image.fromarray(postprocess(prep.stage1_image[..., top:bottom, left:right],
                                              (right - left, bottom - top)), "RGB")
                  for left, top, right, bottom in boxes]
         many = getattr(captioner, "caption_many", None)
         captions: list[str] = []
-        with phase("caption", total=len(crops), unit="tile") as progress:
+        with phase("tile captions", total=len(crops), unit="tile") as progress:
             for start in range(0, len(crops), TILE_CAPTION_BATCH):
                 chunk = crops[start:start + TILE_CAPTION_BATCH]
                 got = many(chunk) if many is not None else [captioner.caption(c, source=request.source) for c in chunk]
