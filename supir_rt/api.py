@@ -266,6 +266,7 @@ class Restorer:
             "processing_size": list(result.sizes.processing),
             "output_size": list(result.sizes.output),
             "tiling": result.tiling,
+            "tile_captions": result.tile_captions,
             "source": source.name if source is not None else None,
             "runtime": self.description,
         }

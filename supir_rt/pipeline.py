@@ -40,6 +40,7 @@ from supir_rt.stages import (  # noqa: F401 - re-exported: the stages were part 
     postprocess, prepare_condition, preprocess, processing_sizes, resolve_seed, sample, snap, stage1,
 )
 from supir_rt.tiling.policy import TilingPlan, TilingSettings, plan_tiling
+from supir_rt.tiling.windows import sliding_windows
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class RestoreResult:
     negative_prompt: str
     config: RestoreConfig
     tiling: dict[str, Any] | None = None  # what was tiled (`TilingPlan.as_metadata`)
+    # per-tile captions (`RestoreConfig.tile_captions`): {"box": [left, top, right, bottom] px of the processing
+    # size, "caption": the tile's own caption, "" where the tile used the global caption}, in window order
+    tile_captions: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -98,6 +102,11 @@ class _Prepared:
     x_center: torch.Tensor | None
     cond: dict[str, torch.Tensor]
     uncond: dict[str, torch.Tensor]
+    tile_captions: list[dict[str, Any]] | None = None  # `RestoreResult.tile_captions`
+    tile_text: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] | None = None  # (cond, uncond) per tile
+
+
+TILE_CAPTION_BATCH = 8  # tiles captioned per captioner call (`caption_many`)
 
 
 class Pipeline:
@@ -192,6 +201,8 @@ class Pipeline:
         with phase("encode"):
             for prep, request in zip(prepared, requests):
                 self._encode(engines, prep, request)
+        if config.tile_captions:
+            self._caption_tiles(prepared, requests, captioner, tiling)
         latents = self._sample(engines, prepared, config, callback, tiling)
         results = []
         with phase("decode"):
@@ -200,7 +211,8 @@ class Pipeline:
                 results.append(RestoreResult(
                     image=postprocess(restored, prep.sizes.output),
                     sizes=prep.sizes, seed=prep.seed, caption=prep.caption, prompt=prep.prompt,
-                    negative_prompt=request.config.n_prompt, config=request.config, tiling=tiling.as_metadata()))
+                    negative_prompt=request.config.n_prompt, config=request.config, tiling=tiling.as_metadata(),
+                    tile_captions=prep.tile_captions))
         return results
 
     def _prepare(self, engines: Mapping[str, Engine], request: Request, sizes: Sizes, captioner: Any) -> _Prepared:
@@ -236,6 +248,52 @@ class Pipeline:
         prep.cond, prep.uncond = prepare_condition(self.embed(prep.prompt), self.embed(config.n_prompt),
                                                    first.control_latent)
 
+    def _caption_tiles(self, prepared: Sequence[_Prepared], requests: Sequence[Request], captioner: Any,
+                       tiling: TilingPlan) -> None:
+        """Per-tile captions (`RestoreConfig.tile_captions`): caption each sampler tile's region of the stage-1
+        image, ``TILE_CAPTION_BATCH`` tiles per captioner call, and give each tile the text conditioning of its
+        caption joined with the quality prompt (each distinct prompt embedded once); the negative prompt is
+        shared and a tile whose caption is empty uses the global caption. A no-op, with a log note, when the
+        sampler is not tiled or the captioner does not look at pixels. A tiled batch holds one request."""
+        if not tiling.sampler_tiled:
+            log.info("tile captions: the sampler is not tiled for this image, so one caption serves it all")
+            return
+        if captioner is None or not captioner_needs_image(captioner):
+            log.info("tile captions: the captioner does not look at the image (use --captioner llava or hf); "
+                     "every tile uses the global caption")
+            return
+        (prep,), (request,) = prepared, requests
+        config = request.config
+        factor = self.model_config.first_stage_config.downsample_factor
+        windows = sliding_windows(*prep.cond["control"].shape[-2:], tiling.tile, tiling.stride)  # the sampler's
+        boxes = [(left * factor, top * factor, right * factor, bottom * factor) for top, bottom, left, right in windows]
+        crops = [Image.fromarray(postprocess(prep.stage1_image[..., top:bottom, left:right],
+                                             (right - left, bottom - top)), "RGB")
+                 for left, top, right, bottom in boxes]
+        many = getattr(captioner, "caption_many", None)
+        captions: list[str] = []
+        with phase("tile captions", total=len(crops), unit="tile") as progress:
+            for start in range(0, len(crops), TILE_CAPTION_BATCH):
+                chunk = crops[start:start + TILE_CAPTION_BATCH]
+                got = many(chunk) if many is not None else [captioner.caption(c, source=request.source) for c in chunk]
+                captions.extend(c.strip() if isinstance(c, str) else "" for c in got)
+                progress.advance(len(chunk))
+        negative = self.embed(config.n_prompt)
+        texts: dict[str, dict[str, torch.Tensor]] = {}
+        prep.tile_text = []
+        for k, caption in enumerate(captions):
+            prompt = (join_prompt(caption, config.a_prompt, quality_first=config.quality_first) if caption
+                      else prep.prompt)
+            if prompt not in texts:
+                if caption:
+                    warning = check_truncation(prompt, self.tokenizer, quality_prompt=config.a_prompt or None)
+                    if warning:
+                        log.warning("tile %d: %s", k, warning)
+                texts[prompt] = self.embed(prompt)
+            prep.tile_text.append((texts[prompt], negative))
+        prep.tile_captions = [{"box": list(box), "caption": caption} for box, caption in zip(boxes, captions)]
+        log.info("tile captions: %d tiles, %d distinct prompts", len(captions), len(texts))
+
     def _sample(self, engines: Mapping[str, Engine], prepared: Sequence[_Prepared], config: RestoreConfig,
                 callback: Callable[[StepInfo], None] | None, tiling: TilingPlan) -> torch.Tensor:
         """One sampler loop over the batch: conditioning stacked per sample, noise drawn per request."""
@@ -248,7 +306,7 @@ class Pipeline:
             with phase("sampling", total=config.num_steps * tiling.tiles, unit="tile") as tiles:
                 return sample(engines, cond, uncond, x_center, noises, config, self.model_config, callback,
                               tiling=tiling, progress=tiles.advance if active_progress() is not None else None,
-                              tile_pool=self.tile_pool)
+                              tile_pool=self.tile_pool, tile_text=prepared[0].tile_text)
         with phase("sampling", total=config.num_steps, unit="step") as steps:
             return sample(engines, cond, uncond, x_center, noises, config, self.model_config,
                           _counting(steps, callback))

@@ -89,6 +89,9 @@ class RestoreConfig:
     vae_tile_size: int = 512  # tiled VAE core tile, image px (multiple of 64)
     vae_tiling: VAETilingMode = "exact"  # exact | official (the official tiled VAE) | none (VAE never tiled)
     max_memory_gb: float | None = None  # budget for tiling auto; None = what the device has free
+    # not official: caption each sampler tile's region of the stage-1 image and condition the tile with its own
+    # caption (docs/captions.md); only for a sampler-tiled restore with a captioner that looks at pixels
+    tile_captions: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_steps, int) or not 1 <= self.num_steps <= 1000:
@@ -128,6 +131,8 @@ class RestoreConfig:
         if not isinstance(self.tile_stride, int) or not 8 <= self.tile_stride <= self.tile_size or self.tile_stride % 8:
             raise SettingError("tile_stride", self.tile_stride, f"use a multiple of 8 px between 8 and the tile size "
                                f"{self.tile_size}, e.g. {self.tile_size // 2 // 8 * 8 or 8}")
+        if not isinstance(self.tile_captions, bool):
+            raise SettingError("tile_captions", self.tile_captions, "use true or false")
         if not isinstance(self.tile_batch, int) or not 1 <= self.tile_batch <= 64:
             raise SettingError("tile_batch", self.tile_batch, "use an integer in 1..64, e.g. 1")
         if not isinstance(self.vae_tile_size, int) or not 64 <= self.vae_tile_size <= MAX_SIDE or self.vae_tile_size % 64:

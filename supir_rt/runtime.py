@@ -48,8 +48,9 @@ class RuntimeOptions:
     backend: str = "auto"
     device: str | None = None  # None: cuda when there is a GPU, else cpu
     dtype: str | None = None  # None: fp16 on cuda, fp32 on cpu
-    captioner: str = "none"  # none | llava (text and sidecar captioners are the restore command's)
+    captioner: str = "none"  # none | llava | hf (text and sidecar captioners are the restore command's)
     llava_dir: str | None = None
+    caption_model: str | None = None  # transformers image-text-to-text model folder for captioner hf
     vae_dtype: str | None = None  # torch backend: bf16 | fp32 (None: bf16 on cuda, fp32 on cpu)
     offload: bool | None = None  # torch backend: None = offload the VAE / text encoders on cuda
     compile: bool = False  # torch backend: torch.compile the UNet + adaptor
@@ -177,8 +178,9 @@ def options_from_args(args: argparse.Namespace, file_cfg: Mapping[str, Any] | No
         tiny_random=bool(flag("tiny_random")), sdxl=sdxl, supir=supir,
         engines_dir=str(engines_dir) if engines_dir is not None else None, backend=backend,
         device=flag("device") or rt.get("device"), dtype=flag("dtype") or rt.get("dtype"),
-        captioner=flag("captioner") if flag("captioner") in ("none", "llava") else "none",
-        llava_dir=str(flag("llava_dir")) if flag("llava_dir") else None, vae_dtype=flag("vae_dtype"),
+        captioner=flag("captioner") if flag("captioner") in IMAGE_CAPTIONERS else "none",
+        llava_dir=str(flag("llava_dir")) if flag("llava_dir") else None,
+        caption_model=str(flag("caption_model")) if flag("caption_model") else None, vae_dtype=flag("vae_dtype"),
         offload=flag("offload"), compile=bool(flag("compile")), compile_mode=flag("compile_mode"),
         cuda_graphs=flag("cuda_graphs"), fp8_weights=bool(flag("fp8_weights")),
         devices=flag("devices"), cfg_parallel=bool(flag("cfg_parallel")), tile_workers=flag("tile_workers") or 0,
@@ -291,10 +293,27 @@ def weights_help(sdxl: Path, supir: Path, weights_dir: Path, variant: str, comma
 # --------------------------------------------------------------------------------------------------
 
 
+IMAGE_CAPTIONERS = ("none", "llava", "hf")
+"""The captioners the runtime options name (the servers' and the UI's ``--captioner``)."""
+
+
+def open_captioner(options: RuntimeOptions, device: str) -> Any:
+    """The image captioner ``options.captioner`` names (llava or hf), checked for its folder flag."""
+    from supir_rt.caption import make_captioner
+
+    if options.captioner == "llava":
+        return make_captioner("llava", model_dir=options.llava_dir)
+    if options.caption_model is None:
+        raise SetupError("--captioner hf needs --caption-model DIR (a transformers image-text-to-text model folder, "
+                         "e.g. SmolVLM; docs/captions.md)")
+    return make_captioner("hf", model_dir=options.caption_model, device=device)
+
+
 def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
     """The `Restorer` for ``options`` (engines opened once; call it in the process that restores).
-    ``restorer_kwargs`` go to the `Restorer` (captioner, limits, progress); with
-    ``options.captioner == "llava"`` and no captioner given, LLaVA is loaded from ``llava_dir``."""
+    ``restorer_kwargs`` go to the `Restorer` (captioner, limits, progress); with no captioner given,
+    ``options.captioner`` llava loads LLaVA from ``llava_dir`` and hf the transformers model folder
+    ``caption_model`` (on the restorer's device)."""
     from supir_rt import cuda_runtime
     from supir_rt.api import Restorer
 
@@ -306,12 +325,10 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
     given = options.torch_flags()
     if given and (backend not in ("auto", "torch") or (engines_dir is not None and backend != "torch")):
         raise SetupError(f"{', '.join(given)}: PyTorch backend options; drop them or use --backend torch")
-    if options.captioner == "llava" and restorer_kwargs.get("captioner") is None:
-        from supir_rt.caption import make_captioner
-
-        restorer_kwargs["captioner"] = make_captioner("llava", model_dir=options.llava_dir)
-    elif options.captioner not in ("none", "llava"):
-        raise SetupError(f"captioner {options.captioner!r}: choose none or llava")
+    if options.captioner not in IMAGE_CAPTIONERS:
+        raise SetupError(f"captioner {options.captioner!r}: choose one of {', '.join(IMAGE_CAPTIONERS)}")
+    if options.captioner != "none" and restorer_kwargs.get("captioner") is None:
+        restorer_kwargs["captioner"] = open_captioner(options, str(device))
     workers, address = scale.pop("tile_workers", 0), scale.pop("ray_address", None)
     artifacts = engines_dir is not None and backend != "torch" and not options.tiny_random
     if artifacts and (scale or workers):

@@ -265,6 +265,7 @@ def sample(
     tiling: TilingPlan | None = None,
     progress: ProgressFn | None = None,
     tile_pool: Any = None,
+    tile_text: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]] | None = None,
 ) -> torch.Tensor:
     """Initial noise (one draw per request), then the sampler ``config.sampler`` names, for a batch of B
     restores: ``cond`` / ``uncond`` / ``x_center`` hold B samples and ``noise`` one `NoiseSource` per
@@ -281,7 +282,8 @@ def sample(
     (`supir_rt.tiling`), which calls ``progress(n)`` after every batch of n tiles; the EDM sampler then
     draws its churn noise every step, as the official tiled sampler does. With a ``tile_pool``
     (`supir_rt.tile_workers.TilePool`) its tile batches run on the pool's workers; the blend and the
-    sampler update stay here.
+    sampler update stay here. ``tile_text`` (per-tile captions, one restore): the (cond, uncond) text
+    conditioning of each tile in window order, used instead of ``cond`` / ``uncond``'s text.
     """
     control_latent = cond["control"]
     table = legacy_ddpm_sigmas(model_config.denoiser_config).to(control_latent.device)
@@ -300,8 +302,11 @@ def sample(
     tiled = tiling is not None and tiling.sampler_tiled
     if tiled:
         grid = TileGrid.build(*control_latent.shape[-2:], tiling.tile, tiling.stride, control_latent.device)
+        if tile_text is not None and len(tile_text) != len(grid.windows):
+            raise ValueError(f"{len(tile_text)} tile conditionings for {len(grid.windows)} tiles")
         denoiser = TiledDenoiser(network, cond, uncond, cfg, control, grid, tile_batch=tiling.tile_batch,
-                                 progress=progress, runner=tile_pool)
+                                 progress=progress, runner=tile_pool,
+                                 conditioning=None if tile_text is None else lambda k, _window: tile_text[k])
     else:
         denoiser = GuidedDenoiser(network, cond, uncond, cfg, control)
     if dpmpp:

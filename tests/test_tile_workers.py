@@ -62,12 +62,12 @@ def _inputs(restorer):
     return cond, uncond, x_center
 
 
-def _sample(restorer, config, pool=None, callback=None):
+def _sample(restorer, config, pool=None, callback=None, tile_text=None):
     from supir_rt.stages import sample
 
     cond, uncond, x_center = _inputs(restorer)
     return sample(restorer.engines, cond, uncond, x_center, NoiseSource(config.seed), config, restorer.model_config,
-                  callback, tiling=PLAN, tile_pool=pool)
+                  callback, tiling=PLAN, tile_pool=pool, tile_text=tile_text)
 
 
 @pytest.mark.parametrize("sampler", ["edm", "dpmpp2m-sde"])
@@ -76,6 +76,19 @@ def test_two_workers_give_the_single_process_latent(local_ray, restorer, one_thr
     want = _sample(restorer, config)
     with TilePool(RECIPE, 2, expected=engine_identity(restorer.engines["unet_adaptor"])) as pool:
         got = _sample(restorer, config, pool)
+    assert (got - want).abs().max().item() == 0.0
+
+
+def test_per_tile_text_reaches_the_workers(local_ray, restorer, one_thread):
+    """Per-tile captions (`tile_text`): the workers condition each tile with its own text, as the single
+    process does (bitwise), and that differs from one text for all tiles."""
+    config = RestoreConfig(num_steps=2, seed=11)
+    negative = restorer.pipeline.embed("blurry")
+    tile_text = [(restorer.pipeline.embed(f"a photo of tile {k}"), negative) for k in range(PLAN.tiles)]
+    want = _sample(restorer, config, tile_text=tile_text)
+    assert (want - _sample(restorer, config)).abs().max().item() > 0
+    with TilePool(RECIPE, 2, expected=engine_identity(restorer.engines["unet_adaptor"])) as pool:
+        got = _sample(restorer, config, pool, tile_text=tile_text)
     assert (got - want).abs().max().item() == 0.0
 
 

@@ -137,7 +137,7 @@ SETTING_FLAGS: dict[str, str] = {
     "n_prompt": "--negative-prompt", "quality_first": "--quality-first", "noise_device": "--noise-device",
     "tiling": "--tiling", "tile_size": "--tile-size", "tile_stride": "--tile-stride", "tile_batch": "--tile-batch",
     "vae_tile_size": "--vae-tile-size", "vae_tiling": "--vae-tiling", "max_memory_gb": "--max-memory",
-    "preset": "--preset",
+    "tile_captions": "--tile-captions", "preset": "--preset",
 }
 
 RESTORE_EXAMPLES = """\
@@ -225,6 +225,9 @@ def add_restore_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "device has free)")
 
     c = p.add_argument_group("captions (the official default runs LLaVA; here the default is no caption)")
+    c.add_argument("--tile-captions", action="store_true", default=None, dest="tile_captions",
+                   help="with a sampler-tiled restore and a captioner that looks at the image (llava, hf): caption "
+                        "every tile's region and condition the tile with its own caption (docs/captions.md)")
     c.add_argument("--caption", default=None, help="use TEXT as the caption of every image")
     c.add_argument("--captioner", choices=("none", "text", "sidecar", "llava", "hf"), default=None,
                    help="none (default), sidecar (IMAGE.txt beside each image), llava (needs --llava-dir), "

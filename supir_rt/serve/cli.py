@@ -39,8 +39,10 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--backend", choices=BACKENDS, default="auto")
     r.add_argument("--device", default=None, help="cpu, cuda (default: cuda when the replica has a GPU)")
     r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp16 on cuda, fp32 on cpu")
-    r.add_argument("--captioner", choices=("none", "llava"), default="none", help="captioner for /v1/caption")
+    r.add_argument("--captioner", choices=("none", "llava", "hf"), default="none", help="captioner for /v1/caption")
     r.add_argument("--llava-dir", type=Path, default=None, help="exported LLaVA folder for --captioner llava")
+    r.add_argument("--caption-model", type=Path, default=None,
+                   help="transformers image-text-to-text model folder for --captioner hf (e.g. SmolVLM)")
     add_torch_options(p)
 
 
@@ -91,6 +93,7 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
     return {"tiny_random": args.tiny_random, "sdxl": path(sdxl), "supir": path(supir),
             "engines_dir": path(args.engines_dir), "backend": args.backend, "device": args.device,
             "dtype": args.dtype, "captioner": args.captioner, "llava_dir": path(args.llava_dir),
+            "caption_model": path(args.caption_model),
             "vae_dtype": args.vae_dtype, "offload": args.offload, "compile": args.compile,
             "compile_mode": args.compile_mode, "cuda_graphs": args.cuda_graphs, "fp8_weights": args.fp8_weights}
 

@@ -138,7 +138,7 @@ def _names_not_paths(args: Mapping[str, Any]) -> dict[str, Any]:
     should not learn, the server's paths)."""
     from pathlib import PurePath
 
-    paths = ("sdxl", "supir", "engines_dir", "llava_dir")
+    paths = ("sdxl", "supir", "engines_dir", "llava_dir", "caption_model")
     return {k: (PurePath(v).name if k in paths and v else v) for k, v in args.items()}
 
 

@@ -264,10 +264,10 @@ class RestoreUI:
                 raise UIError(_upload_message(str(err), path)) from None
 
     def caption(self, path: str | Path | None, values: Mapping[str, Any]) -> str:
-        """A caption from the configured image captioner (LLaVA) of the stage-1 image."""
+        """A caption from the configured image captioner (LLaVA or a transformers model) of the stage-1 image."""
         if not self.has_captioner:
             raise UIError("No captioner on this server: type the caption, or restart with --captioner llava "
-                          "--llava-dir DIR")
+                          "--llava-dir DIR or --captioner hf --caption-model DIR")
         loaded = self._require(path)
         config = self.config(values)
         with self._lock:

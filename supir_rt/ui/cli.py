@@ -42,9 +42,11 @@ def add_ui_parser(subparsers: Any) -> None:
                    help="most jobs waiting their turn; more are refused with 'queue full' (default 16)")
     p.add_argument("--max-upload-mb", type=int, default=200, help="largest upload in MB (default 200)")
     c = p.add_argument_group("captions (default: the caption is typed in the page)")
-    c.add_argument("--captioner", choices=("none", "llava"), default=None,
-                   help="llava adds a 'Caption with LLaVA' button (needs --llava-dir)")
+    c.add_argument("--captioner", choices=("none", "llava", "hf"), default=None,
+                   help="llava (needs --llava-dir) or hf (needs --caption-model) adds a caption button")
     c.add_argument("--llava-dir", type=Path, default=None, help="exported LLaVA folder for --captioner llava")
+    c.add_argument("--caption-model", type=Path, default=None,
+                   help="transformers image-text-to-text model folder for --captioner hf (e.g. SmolVLM)")
     add_runtime_options(p)
     p.set_defaults(func=run_ui, caption=None)
 
@@ -60,6 +62,8 @@ def check_ui_args(args: argparse.Namespace) -> None:
         raise SetupError(f"--max-upload-mb {args.max_upload_mb}: use at least 1")
     if args.captioner == "llava" and args.llava_dir is None:
         raise SetupError("--captioner llava needs --llava-dir DIR (the exported LLaVA folder)")
+    if args.captioner == "hf" and args.caption_model is None:
+        raise SetupError("--captioner hf needs --caption-model DIR (a transformers image-text-to-text model folder)")
     try:
         import gradio  # noqa: F401
     except ImportError as err:  # gradio itself, or a broken dependency of it (say pandas after a numpy change)

@@ -80,6 +80,8 @@ DESCRIBED: tuple[Knob, ...] = (
          "(cpu)", "text", "advanced"),
     Knob("a_prompt", "Quality prompt", "--a_prompt: appended to the caption", "text", "prompt"),
     Knob("n_prompt", "Negative prompt", "--n_prompt: what CFG steers away from", "text", "prompt"),
+    Knob("tile_captions", "Tile captions", "not official: with a tiled sampler and a captioner (llava, hf), caption "
+         "every tile and condition it with its own caption (docs/captions.md); off", "bool", "tiling"),
     Knob("quality_first", "Quality prompt first", "not official: put the quality prompt before the caption so "
          "that a long caption does not push it out of CLIP's 77 tokens", "bool", "prompt"),
 )
