@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -72,12 +73,36 @@ def rebuild_prefix() -> str:
     return "--trt-only --trt-rtx --tiny-random" if flavour() == "tensorrt-rtx" else "--trt-only --tiny-random"
 
 
+def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
 @pytest.fixture
 def folder(tiny_onnx_dir, tmp_path):
-    """A private engines folder holding copies of the tiny fp32 ONNX artifacts."""
+    """A private engines folder holding the tiny fp32 ONNX artifacts: hard links to the session's export
+    (a copy is 121 MB, and about 150 tests take one), copies where the file system cannot link. A test that
+    changes an artifact in place first `detach`es it; the shared export is checked unchanged afterwards."""
+    before = _stamps(tiny_onnx_dir)
     for f in tiny_onnx_dir.iterdir():
-        shutil.copy(f, tmp_path / f.name)
-    return tmp_path
+        try:
+            os.link(f, tmp_path / f.name)
+        except OSError:
+            shutil.copy(f, tmp_path / f.name)
+    yield tmp_path
+    assert _stamps(tiny_onnx_dir) == before, "a test wrote through a hard link into the shared export: detach() first"
+
+
+def detach(*paths: Path) -> None:
+    """Give each path its own copy of its bytes (a hard link would carry an in-place write to every test)."""
+    for path in paths:
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data)
+
+
+def detach_onnx(folder: Path) -> None:
+    """Before `export_all` writes into ``folder``: it rewrites the ONNX files in place."""
+    detach(*folder.glob("*.onnx"), *folder.glob("*.onnx.data"))
 
 
 def build(cfg, folder, networks=SMALL, build=BUILD, **kw):
@@ -132,6 +157,7 @@ def test_defect2_stale_plan_is_refused_after_reexport(fake, tiny_config, folder)
 
     build(tiny_config, folder, networks=["vae_decoder"])
     torch.manual_seed(1)  # "SUPIR-v0F" re-exported into a folder holding the "v0Q" plan
+    detach_onnx(folder)
     export_all(build_model(tiny_config), folder, precision=PREC, networks=["vae_decoder"], progress=False)
     with pytest.raises(ArtifactError, match="is stale.*weights changed after the plan was built") as err:
         open_trt(tiny_config, folder, networks=["vae_decoder"])
@@ -354,6 +380,7 @@ def test_matching_plan_is_reused_and_timing_cache_kept(fake, tiny_config, folder
         "built", "built"]
     assert "no timing cache" not in caplog.text.split("reusing")[-1]
     onnx = folder / onnx_name("vae_decoder", PREC)  # the ONNX file itself is hashed, not only its manifest
+    detach(onnx)
     onnx.write_bytes(onnx.read_bytes() + b" ")
     with pytest.raises(ArtifactError, match="vae_decoder_fp32.onnx has changed since it was built"):
         build(tiny_config, folder)
@@ -384,6 +411,7 @@ def _reexport(tiny_config, folder, networks, seed=1):
 
     torch.manual_seed(seed)
     model = build_model(tiny_config)
+    detach_onnx(folder)
     export_all(model, folder, precision=PREC, networks=networks, progress=False, source={"kind": "v0F"})
     return open_engines("onnxruntime", config=tiny_config, artifact_dir=folder, precision=PREC, networks=networks)
 
@@ -717,6 +745,7 @@ def test_staleness_hashes_the_onnx_files_themselves(fake, tiny_config, folder):
     """An ONNX file changed behind its manifest's back makes the plan stale (the bytes are hashed)."""
     build(tiny_config, folder, networks=["vae_decoder"])
     onnx = folder / onnx_name("vae_decoder", PREC)
+    detach(onnx)
     onnx.write_bytes(onnx.read_bytes() + b"\0")
     with pytest.raises(ArtifactError, match=f"is stale.*{onnx.name}.*rebuild with: python export/build_engines.py "
                                             f"{rebuild_prefix()}"):
