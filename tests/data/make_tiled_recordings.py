@@ -2,9 +2,12 @@
 
 Provenance: run once on the code of commit 19b559e (before issue 18 replaced the forked tiled samplers
 ``sample_restore_edm_tiled`` / ``sample_dpmpp_2m_sde_tiled`` by a tiled denoiser over the one sampler per
-algorithm), on CPU with torch 2.13, fp32::
+algorithm) with one change applied to it, the VAE attention's dense q/k/v of commit c20d661 (the only
+numerics change made beside the refactor), on CPU with torch 2.13, fp32::
 
-    PYTHONPATH=. python3 tests/data/make_tiled_recordings.py
+    git worktree add --detach /tmp/rec 19b559e && cd /tmp/rec
+    git show c20d661 -- supir_rt/model/vae.py | git apply
+    cp <this checkout>/tests/data/make_tiled_recordings.py tests/data/ && PYTHONPATH=. python3 tests/data/make_tiled_recordings.py
 
 For every case of `CASES` it records the sampled latent (what the decoder receives) and, where the VAE
 is tiled, the decoded image before the colour fix. `tests/tiling/test_recordings.py` replays the same cases
