@@ -305,8 +305,11 @@ class _FunctionMode(TorchFunctionMode):
         if getattr(func, "__name__", "").endswith("_like") and args and isinstance(args[0], FakeCudaTensor) \
                 and kwargs.get("device") is None:  # PyTorch would select the input's device in the driver
             return FakeCudaTensor(func(args[0].elem, *args[1:], **kwargs), args[0].device)
-        if func is torch.Tensor.copy_ and isinstance(args[1], torch.Tensor) and args[0].device != args[1].device:
-            return self._copy(*args, **kwargs)  # across devices PyTorch would select a device in the driver
+        if func is torch.Tensor.copy_ and isinstance(args[1], torch.Tensor) and (
+                isinstance(args[0], FakeCudaTensor) or isinstance(args[1], FakeCudaTensor)):
+            # `Tensor.copy_` selects the destination's device in the driver before it dispatches (also on one
+            # device, e.g. into a CUDA graph's static buffers)
+            return self._copy(*args, **kwargs)
         if func in _INDEXING and isinstance(args[0], FakeCudaTensor):
             return self._index(func, *args)
         args = tuple(_cuda0(a) for a in args)

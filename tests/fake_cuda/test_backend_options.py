@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -49,3 +51,34 @@ def test_fp8_scales_are_applied_in_fp32(fake):
     got = layer.dequantized(torch.float16).cpu()
     assert torch.equal(got, expected)
     assert layer.weight_fp8.device == torch.device("cuda:0")  # the layer's own forward is traced by test_restore
+
+
+def test_cuda_graph_capture_and_replay_in_a_restore(fake):
+    """`CUDAGraphCall` end to end on the fake GPU: a restore with ``cuda_graphs`` captures the unet_adaptor's
+    CFG pair once after the warm-up calls and replays it on every later step (the fake capture records one
+    call and a replay re-runs it on the static buffers, as a real graph reads them); the static buffers, the
+    copies into them and the replays are traced like every other operation (no host read in the loop, one
+    device). The replayed restore equals the eager one bit for bit: a replay computes what the eager call
+    computes, from inputs copied into the buffers."""
+    from PIL import Image
+
+    from supir_rt.api import Restorer
+    from supir_rt.backends.torch_backend import TorchOptions
+    from supir_rt.restore_config import RestoreConfig
+
+    config = RestoreConfig(num_steps=4, min_size=64, seed=3, restore_cfg=4.0)  # 2 warm-up calls, a capture, a replay
+    picture = Image.new("RGB", (64, 64), (90, 140, 30))
+    outputs = {}
+    for graphs in (False, True):
+        with Restorer.tiny_random(device="cuda", dtype="fp16",
+                                  torch_options=TorchOptions(cuda_graphs=graphs, graph_warmup=2)) as r:
+            fake.records.clear()
+            outputs[graphs] = np.asarray(r.restore(picture, config).image)
+            call = r.engines["unet_adaptor"].graphs
+            if graphs:
+                assert call is not None and not call.failed and call.replays == config.num_steps - 2
+            else:
+                assert call is None
+        assert fake.records and {rec.device for rec in fake.records} == {"cuda:0"}
+    assert fake.captures == 1
+    assert np.array_equal(outputs[True], outputs[False])
