@@ -129,7 +129,8 @@ def add_tile_worker_options(group: Any) -> None:
     group.add_argument("--tile-workers", type=int, default=None, metavar="N",
                        help="run the tiles of tiled sampler steps on N Ray actors (one GPU each on a GPU cluster)")
     group.add_argument("--ray-address", default=None, metavar="ADDR",
-                       help="Ray cluster for --tile-workers: auto, ray://HOST:10001 or HOST:6379 (default: a local Ray)")
+                       help="Ray cluster for --tile-workers: auto, ray://HOST:10001 or HOST:6379 "
+                            "(default: a local Ray)")
     group.add_argument("--tile-workers-above", type=int, default=None, metavar="PIXELS",
                        help="with --tile-workers: only tiled restores of at least PIXELS processing pixels (width x "
                             "height) use the workers; smaller ones run here (default 0: every tiled restore)")
@@ -427,7 +428,7 @@ RUNTIME_FIELDS = tuple(f.name for f in fields(RuntimeOptions))
 
 __all__ = [
     "BACKENDS", "ENV_CONFIG", "ENV_SDXL", "ENV_SUPIR", "ENV_WEIGHTS_DIR", "RUNTIME_FIELDS", "RuntimeOptions",
-    "TINY_DEFAULTS", "WeightPaths", "WeightsNotFoundError", "add_runtime_options", "add_tile_worker_options", "add_torch_options",
-    "build_restorer", "default_config_path", "default_weights_dir", "find_weights", "options_from_args",
-    "read_config_file", "report_error", "tile_worker_fields", "torch_options", "weights_help",
+    "TINY_DEFAULTS", "WeightPaths", "WeightsNotFoundError", "add_runtime_options", "add_tile_worker_options",
+    "add_torch_options", "build_restorer", "default_config_path", "default_weights_dir", "find_weights",
+    "options_from_args", "read_config_file", "report_error", "tile_worker_fields", "torch_options", "weights_help",
 ]
