@@ -248,3 +248,21 @@ def test_a_bad_tile_worker_setting_is_one_clear_error_before_anything_loads(opti
     with pytest.raises(SetupError) as err:
         RestoreWorker(RuntimeOptions(tiny_random=True, **options))
     assert str(err.value).startswith(words)
+
+
+def test_serve_replicas_leave_the_cpus_of_their_tile_workers_free(local_ray):
+    """On the 2-CPU local Ray: 1 replica with 2 workers of 0.5 CPU leaves 2 - 1 - 0.1 (the HTTP front)
+    = 0.9 CPU for the replica; 2 workers of 1 CPU leave none, which is one error naming the flags."""
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("fastapi")
+    from supir_rt.runtime import RuntimeOptions
+    from supir_rt.serve.app_config import AppConfig
+    from supir_rt.serve.ray_app import _cpus
+
+    def config(cpus):
+        return AppConfig(runtime=RuntimeOptions(tiny_random=True, tile_workers=2, tile_worker_cpus=cpus))
+
+    assert _cpus(AppConfig(runtime=RuntimeOptions(tiny_random=True)), 0.0) == 1.0  # no workers: as before
+    assert _cpus(config(0.5), 0.0) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="--tile-worker-cpus 1 leave no CPU of Ray's 2 for the replicas"):
+        _cpus(config(1.0), 0.0)
