@@ -203,10 +203,10 @@ class Pipeline:
                 self._encode(engines, prep, request)
         if config.tile_captions:
             self._caption_tiles(prepared, requests, captioner, tiling)
-        pool = self._tile_pool_for(sizes, tiling)
-        latents = self._sample(engines, prepared, config, callback, tiling, pool)
+        pool = self._tile_pool_for(sizes, tiling)  # the workers this restore starts with (some may die in it)
         tiling_meta = {**tiling.as_metadata(),
                        "tile_workers": (len(pool.alive) if pool is not None else 0) if tiling.sampler_tiled else None}
+        latents = self._sample(engines, prepared, config, callback, tiling, pool)
         results = []
         with phase("decode"):
             for prep, request, latent in zip(prepared, requests, latents.split(1)):
