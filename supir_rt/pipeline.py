@@ -54,7 +54,7 @@ class RestoreResult:
     prompt: str
     negative_prompt: str
     config: RestoreConfig
-    tiling: dict[str, Any] | None = None  # what was tiled (`TilingPlan.as_metadata`)
+    tiling: dict[str, Any] | None = None  # what was tiled (`TilingPlan.as_metadata`) + ``tile_workers`` used
     # per-tile captions (`RestoreConfig.tile_captions`): {"box": [left, top, right, bottom] px of the processing
     # size, "caption": the tile's own caption, "" where the tile used the global caption}, in window order
     tile_captions: list[dict[str, Any]] | None = None
@@ -203,7 +203,10 @@ class Pipeline:
                 self._encode(engines, prep, request)
         if config.tile_captions:
             self._caption_tiles(prepared, requests, captioner, tiling)
-        latents = self._sample(engines, prepared, config, callback, tiling)
+        pool = self._tile_pool_for(sizes, tiling)  # the workers this restore starts with (some may die in it)
+        tiling_meta = {**tiling.as_metadata(),
+                       "tile_workers": (len(pool.alive) if pool is not None else 0) if tiling.sampler_tiled else None}
+        latents = self._sample(engines, prepared, config, callback, tiling, pool)
         results = []
         with phase("decode"):
             for prep, request, latent in zip(prepared, requests, latents.split(1)):
@@ -211,7 +214,7 @@ class Pipeline:
                 results.append(RestoreResult(
                     image=postprocess(restored, prep.sizes.output),
                     sizes=prep.sizes, seed=prep.seed, caption=prep.caption, prompt=prep.prompt,
-                    negative_prompt=request.config.n_prompt, config=request.config, tiling=tiling.as_metadata(),
+                    negative_prompt=request.config.n_prompt, config=request.config, tiling=tiling_meta,
                     tile_captions=prep.tile_captions))
         return results
 
@@ -294,9 +297,19 @@ class Pipeline:
         prep.tile_captions = [{"box": list(box), "caption": caption} for box, caption in zip(boxes, captions)]
         log.info("tile captions: %d tiles, %d distinct prompts", len(captions), len(texts))
 
+    def _tile_pool_for(self, sizes: Sizes, tiling: TilingPlan) -> Any:
+        """The `tile_pool` when this restore's tiles go to it: sampler-tiled and at least the pool's
+        ``min_pixels`` processing pixels (`TilePool.takes`); else None (the tiles run on this engine)."""
+        pool = self.tile_pool
+        if pool is None or not tiling.sampler_tiled:
+            return None
+        width, height = sizes.processing
+        return pool if pool.takes(width * height) else None
+
     def _sample(self, engines: Mapping[str, Engine], prepared: Sequence[_Prepared], config: RestoreConfig,
-                callback: Callable[[StepInfo], None] | None, tiling: TilingPlan) -> torch.Tensor:
-        """One sampler loop over the batch: conditioning stacked per sample, noise drawn per request."""
+                callback: Callable[[StepInfo], None] | None, tiling: TilingPlan, tile_pool: Any = None) -> torch.Tensor:
+        """One sampler loop over the batch: conditioning stacked per sample, noise drawn per request;
+        the tiles of a tiled one on ``tile_pool``'s workers when given."""
         cond = {key: torch.cat([p.cond[key] for p in prepared]) for key in prepared[0].cond}
         uncond = {key: torch.cat([p.uncond[key] for p in prepared]) for key in prepared[0].uncond}
         centers = [p.x_center for p in prepared]
@@ -306,7 +319,7 @@ class Pipeline:
             with phase("sampling", total=config.num_steps * tiling.tiles, unit="tile") as tiles:
                 return sample(engines, cond, uncond, x_center, noises, config, self.model_config, callback,
                               tiling=tiling, progress=tiles.advance if active_progress() is not None else None,
-                              tile_pool=self.tile_pool, tile_text=prepared[0].tile_text)
+                              tile_pool=tile_pool, tile_text=prepared[0].tile_text)
         with phase("sampling", total=config.num_steps, unit="step") as steps:
             return sample(engines, cond, uncond, x_center, noises, config, self.model_config,
                           _counting(steps, callback))

@@ -61,6 +61,8 @@ class RuntimeOptions:
     cfg_parallel: bool = False  # with devices: a UNet twin on the second runs the conditional CFG half
     tile_workers: int = 0  # tiled steps on N Ray actors
     ray_address: str | None = None  # None: a local Ray (127.0.0.1)
+    tile_workers_above: int = 0  # processing pixels from which a tiled restore uses the workers (0: every one)
+    tile_worker_cpus: float = 1.0  # CPUs Ray reserves per tile worker
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,13 +83,21 @@ class RuntimeOptions:
             raise SetupError("--ray-address is for --tile-workers N; add it or drop --ray-address")
         if self.tile_workers < 0:
             raise SetupError(f"--tile-workers {self.tile_workers}: give at least 1")
+        if self.tile_workers_above < 0 or self.tile_worker_cpus < 0:
+            flag, value = (("--tile-workers-above", self.tile_workers_above) if self.tile_workers_above < 0
+                           else ("--tile-worker-cpus", self.tile_worker_cpus))
+            raise SetupError(f"{flag} {value:g}: give a number >= 0")
+        if not self.tile_workers and (self.tile_workers_above or self.tile_worker_cpus != 1.0):
+            flag = "--tile-workers-above" if self.tile_workers_above else "--tile-worker-cpus"
+            raise SetupError(f"{flag} is for --tile-workers N; add it or drop {flag}")
         out: dict[str, Any] = {}
         if self.devices:
             out["devices"] = list(self.devices)
         if self.cfg_parallel:
             out["cfg_parallel"] = True
         if self.tile_workers:
-            out.update(tile_workers=self.tile_workers, ray_address=self.ray_address)
+            out.update(tile_workers=self.tile_workers, ray_address=self.ray_address,
+                       tile_workers_above=self.tile_workers_above, tile_worker_cpus=self.tile_worker_cpus)
         return out
 
 
@@ -111,10 +121,21 @@ def add_scale_options(parser: argparse.ArgumentParser) -> None:
                         "(e.g. cuda:0,cuda:1; PyTorch backend)")
     m.add_argument("--cfg-parallel", action="store_true", default=None,
                    help="with --devices: a second UNet + adaptor on B runs the conditional half of each CFG pair")
-    m.add_argument("--tile-workers", type=int, default=None, metavar="N",
-                   help="run the tiles of tiled sampler steps on N Ray actors (one GPU each on a GPU cluster)")
-    m.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="Ray cluster for --tile-workers: auto, ray://HOST:10001 or HOST:6379 (default: a local Ray)")
+    add_tile_worker_options(m)
+
+
+def add_tile_worker_options(group: Any) -> None:
+    """``--tile-workers`` and its options (the restore command's and the servers'; docs/scale.md)."""
+    group.add_argument("--tile-workers", type=int, default=None, metavar="N",
+                       help="run the tiles of tiled sampler steps on N Ray actors (one GPU each on a GPU cluster)")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="Ray cluster for --tile-workers: auto, ray://HOST:10001 or HOST:6379 "
+                            "(default: a local Ray)")
+    group.add_argument("--tile-workers-above", type=int, default=None, metavar="PIXELS",
+                       help="with --tile-workers: only tiled restores of at least PIXELS processing pixels (width x "
+                            "height) use the workers; smaller ones run here (default 0: every tiled restore)")
+    group.add_argument("--tile-worker-cpus", type=float, default=None, metavar="C",
+                       help="CPUs Ray reserves per tile worker (default 1; a fraction lets them share CPUs)")
 
 
 def add_torch_options(parser: argparse.ArgumentParser) -> None:
@@ -183,9 +204,18 @@ def options_from_args(args: argparse.Namespace, file_cfg: Mapping[str, Any] | No
         caption_model=str(flag("caption_model")) if flag("caption_model") else None, vae_dtype=flag("vae_dtype"),
         offload=flag("offload"), compile=bool(flag("compile")), compile_mode=flag("compile_mode"),
         cuda_graphs=flag("cuda_graphs"), fp8_weights=bool(flag("fp8_weights")),
-        devices=flag("devices"), cfg_parallel=bool(flag("cfg_parallel")), tile_workers=flag("tile_workers") or 0,
-        ray_address=flag("ray_address"),
+        devices=flag("devices"), cfg_parallel=bool(flag("cfg_parallel")), **tile_worker_fields(args),
     )
+
+
+def tile_worker_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The tile-worker fields of `RuntimeOptions` from the flags of `add_tile_worker_options`, checked."""
+    flag = lambda name: getattr(args, name, None)  # noqa: E731
+    cpus = flag("tile_worker_cpus")
+    out = {"tile_workers": flag("tile_workers") or 0, "ray_address": flag("ray_address"),
+           "tile_workers_above": flag("tile_workers_above") or 0, "tile_worker_cpus": 1.0 if cpus is None else cpus}
+    RuntimeOptions(**out).scale()
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,6 +360,7 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
     if options.captioner != "none" and restorer_kwargs.get("captioner") is None:
         restorer_kwargs["captioner"] = open_captioner(options, str(device))
     workers, address = scale.pop("tile_workers", 0), scale.pop("ray_address", None)
+    pool = {"min_pixels": scale.pop("tile_workers_above", 0), "num_cpus": scale.pop("tile_worker_cpus", 1.0)}
     artifacts = engines_dir is not None and backend != "torch" and not options.tiny_random
     if artifacts and (scale or workers):
         flags = [f"--{k.replace('_', '-')}" for k in scale] + (["--tile-workers"] if workers else [])
@@ -342,7 +373,7 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
     if options.tiny_random:
         kwargs = dict(device=device, dtype=dtype, backend=backend, engines_dir=engines_dir, **torch_options(options))
         return _with_workers(Restorer.tiny_random(**kwargs, **scale, **restorer_kwargs), "tiny_random", kwargs,
-                             workers, address)
+                             workers, address, **pool)
     if artifacts:
         return Restorer.from_engines(engines_dir, backend=backend, dtype=dtype, **restorer_kwargs)
     if not (options.sdxl and options.supir):
@@ -351,19 +382,21 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
     kwargs = dict(sdxl=options.sdxl, supir=options.supir, device=device, dtype=dtype, backend=backend,
                   engines_dir=engines_dir, **torch_options(options))
     return _with_workers(Restorer.from_weights(**kwargs, **scale, **restorer_kwargs), "from_weights", kwargs,
-                         workers, address)
+                         workers, address, **pool)
 
 
-def _with_workers(restorer: Any, constructor: str, kwargs: dict[str, Any], workers: int, address: str | None) -> Any:
+def _with_workers(restorer: Any, constructor: str, kwargs: dict[str, Any], workers: int, address: str | None,
+                  **pool: Any) -> Any:
     """``restorer`` with ``workers`` tile workers built like it (one device each: ``cuda`` as Ray
-    assigns it, or the CPU), or as it is when no workers are asked for."""
+    assigns it, or the CPU), or as it is when no workers are asked for. ``pool``: `attach_tile_workers`'s
+    ``min_pixels`` and ``num_cpus``."""
     if not workers:
         return restorer
     from supir_rt.tile_workers import WorkerRecipe, attach_tile_workers
 
     device = "cuda" if str(kwargs["device"]).startswith("cuda") else "cpu"
     recipe = WorkerRecipe(constructor, {**kwargs, "device": device, "progress": False, "max_pixels": None})
-    attach_tile_workers(restorer, recipe, workers, address)
+    attach_tile_workers(restorer, recipe, workers, address, **pool)
     return restorer
 
 
@@ -395,7 +428,7 @@ RUNTIME_FIELDS = tuple(f.name for f in fields(RuntimeOptions))
 
 __all__ = [
     "BACKENDS", "ENV_CONFIG", "ENV_SDXL", "ENV_SUPIR", "ENV_WEIGHTS_DIR", "RUNTIME_FIELDS", "RuntimeOptions",
-    "TINY_DEFAULTS", "WeightPaths", "WeightsNotFoundError", "add_runtime_options", "add_torch_options",
-    "build_restorer", "default_config_path", "default_weights_dir", "find_weights", "options_from_args",
-    "read_config_file", "report_error", "torch_options", "weights_help",
+    "TINY_DEFAULTS", "WeightPaths", "WeightsNotFoundError", "add_runtime_options", "add_tile_worker_options",
+    "add_torch_options", "build_restorer", "default_config_path", "default_weights_dir", "find_weights",
+    "options_from_args", "read_config_file", "report_error", "tile_worker_fields", "torch_options", "weights_help",
 ]

@@ -200,15 +200,18 @@ class TilePool:
 
     ``expected``: the driver's `engine_identity` (None: only the workers are compared with each other).
     ``num_gpus`` / ``num_cpus``: Ray resources per worker (one GPU per worker on a GPU cluster).
+    ``min_pixels``: the smallest processing size (width × height) whose tiled restores use the pool
+    (`takes`); smaller ones run on the driver's own engine (0: every tiled restore).
     ``timeout_s`` bounds the workers' start-up (building the engine, hashing its weights).
     """
 
     def __init__(self, recipe: WorkerRecipe, workers: int, *, expected: Mapping[str, str] | None = None,
-                 num_gpus: float = 0, num_cpus: float = 1, timeout_s: float = 600) -> None:
+                 num_gpus: float = 0, num_cpus: float = 1, min_pixels: int = 0, timeout_s: float = 600) -> None:
         import ray
 
         if workers < 1:
             raise TileWorkerError(f"--tile-workers {workers}: give at least 1")
+        self.min_pixels = min_pixels
         if not ray.is_initialized():
             connect_ray(None)
         actor = ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)(TileWorker)
@@ -221,7 +224,9 @@ class TilePool:
             self.close()
             first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
             raise TileWorkerError(f"the tile workers did not start ({first}); check that every node has the "
-                                  "weights/engines at the same paths and the same supir-rt installed") from None
+                                  "weights/engines at the same paths and the same supir-rt installed, and that the "
+                                  f"cluster has {num_cpus:g} CPU and {num_gpus:g} GPU free per worker "
+                                  "(--tile-worker-cpus)") from None
         reference = dict(expected) if expected is not None else identities[0]
         for i, ident in enumerate(identities):
             diff = {k: (reference.get(k), ident.get(k)) for k in reference if reference.get(k) != ident.get(k)}
@@ -231,6 +236,10 @@ class TilePool:
                 raise TileWorkerError(f"tile worker {i} runs a different unet_adaptor than the driver ({what}); "
                                       "give every node the same weights/engines and supir-rt version")
         self.identity = reference
+
+    def takes(self, pixels: int) -> bool:
+        """Whether a tiled restore of ``pixels`` processing pixels runs on the workers (`min_pixels`)."""
+        return bool(self.alive) and pixels >= self.min_pixels
 
     def bind(self, denoiser: Any) -> ShardedTiles:
         """Give the workers one restore's `TiledDenoiser` state (its per-batch text conditioning and
@@ -317,21 +326,25 @@ class ShardedTiles:
             yield out.to(device)
 
 
-def attach_tile_workers(restorer: Any, recipe: WorkerRecipe, workers: int, ray_address: str | None = None) -> None:
+def attach_tile_workers(restorer: Any, recipe: WorkerRecipe, workers: int, ray_address: str | None = None, *,
+                        min_pixels: int = 0, num_cpus: float = 1) -> None:
     """Run ``restorer``'s tiled sampler steps on ``workers`` Ray actors built from ``recipe`` (the
     constructor and options the restorer was made with). Joins the Ray cluster at ``ray_address``
-    (None: a local Ray), starts the workers and checks them against the restorer's ``unet_adaptor``
-    before any restore; untiled restores stay local. The restorer's `close` closes the pool. On failure
+    (None: a local Ray; a no-op in a process already connected, e.g. a Ray Serve replica), starts the
+    workers (``num_cpus`` each, and one GPU each when the recipe's device is CUDA) and checks them
+    against the restorer's ``unet_adaptor`` before any restore. Untiled restores, and tiled ones under
+    ``min_pixels`` processing pixels, stay local. The restorer's `close` closes the pool. On failure
     the restorer is closed and the `TileWorkerError` raised."""
     try:
         connect_ray(ray_address)
         gpu = str(recipe.kwargs.get("device", "cpu")).startswith("cuda")
         restorer.pipeline.tile_pool = TilePool(recipe, workers, expected=engine_identity(restorer.engines["unet_adaptor"]),
-                                               num_gpus=1 if gpu else 0)
+                                               num_gpus=1 if gpu else 0, num_cpus=num_cpus, min_pixels=min_pixels)
     except BaseException:
         restorer.close()
         raise
-    restorer.description.update({"tile_workers": workers, "ray_address": ray_address or "local"})
+    restorer.description.update({"tile_workers": workers, "ray_address": ray_address or "local",
+                                 "tile_workers_above": min_pixels})
 
 
 __all__ = ["ShardedTiles", "TilePool", "TileWorker", "TileWorkerError", "WorkerRecipe", "attach_tile_workers",

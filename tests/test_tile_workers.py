@@ -160,3 +160,109 @@ def test_cli_tile_workers_give_the_single_process_image(tmp_path):
     meta = json.loads(Image.open(outs["workers"]).text["supir-rt"])
     # 80x64 at min-size 256 -> 320x256 px -> a 40x32 latent; 16-px tiles at stride 8: 4 x 3 windows
     assert meta["runtime"]["tile_workers"] == 2 and meta["tiling"]["sampler_tiles"] == 4 * 3
+
+
+# --------------------------------------------------------------------------------------------------
+# serving: tiled restores of at least --tile-workers-above processing pixels go to the pool
+# --------------------------------------------------------------------------------------------------
+
+# 96x64 -> 192x128 px processing (24576 px); 64x64 -> 128x128 px (16384 px); both sampler-tiled with
+# 64-px tiles at stride 32 (an 8x8 latent tile, stride 4): 5x3 and 3x3 windows
+SERVE_SETTINGS = dict(num_steps=2, seed=5, min_size=128, tiling="on", tile_size=64, tile_stride=32)
+ABOVE = 20_000
+
+
+def _job(width, height):
+    import numpy as np
+    from PIL import Image
+
+    from supir_rt.images import LoadedImage
+    from supir_rt.restore_config import RestoreConfig
+    from supir_rt.serve import Job
+
+    pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Job(image=LoadedImage(Image.fromarray(pixels)), config=RestoreConfig(**SERVE_SETTINGS))
+
+
+def _served(worker, jobs):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    outcomes = worker.run(jobs)
+    for o in outcomes:
+        assert o.error is None, o.error
+    return [(np.asarray(Image.open(io.BytesIO(o.png))), o.metadata) for o in outcomes]
+
+
+def test_serve_worker_sends_only_images_above_the_threshold_to_the_tile_workers(local_ray, one_thread):
+    """`RestoreWorker` (what every server runs) with ``tile_workers=2, tile_workers_above=20000``: the
+    192x128-px tiled restore runs on the pool (its `bind` is called, metadata ``tile_workers`` 2) and gives
+    the image of a worker without a pool (bitwise: same tile batches, see the module docstring); the
+    128x128-px tiled restore runs on the replica's own engine (no `bind`, metadata 0). Checked once by
+    hand: with the threshold ignored (`Pipeline._tile_pool_for` returning the pool for every tiled
+    restore) the small restore binds the pool and this test fails."""
+    import numpy as np
+
+    from supir_rt.runtime import RuntimeOptions
+    from supir_rt.serve import RestoreWorker
+
+    big, small = _job(96, 64), _job(64, 64)
+    plain = RestoreWorker(RuntimeOptions(tiny_random=True), max_batch_size=1)
+    try:
+        (want_big, _), (want_small, _) = _served(plain, [big, small])
+    finally:
+        plain.close()
+    pooled = RestoreWorker(RuntimeOptions(tiny_random=True, tile_workers=2, tile_workers_above=ABOVE),
+                           max_batch_size=1)
+    try:
+        pool = pooled.restorer.pipeline.tile_pool
+        assert pool is not None and pool.min_pixels == ABOVE
+        bound = []
+        real_bind = pool.bind
+        pool.bind = lambda denoiser: bound.append(denoiser) or real_bind(denoiser)
+        assert pooled.info()["runtime"]["tile_workers_above"] == ABOVE
+        (got_big, meta_big), = _served(pooled, [_job(96, 64)])
+        assert len(bound) == 1
+        (got_small, meta_small), = _served(pooled, [_job(64, 64)])
+        assert len(bound) == 1  # not called again: the small restore ran here
+    finally:
+        pooled.close()
+    assert meta_big["processing_size"] == [192, 128] and meta_small["processing_size"] == [128, 128]
+    assert meta_big["tiling"]["sampler_tiles"] == 5 * 3 and meta_big["tiling"]["tile_workers"] == 2
+    assert meta_small["tiling"]["sampler_tiles"] == 3 * 3 and meta_small["tiling"]["tile_workers"] == 0
+    assert np.array_equal(got_big, want_big) and np.array_equal(got_small, want_small)
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(tile_workers=2, tile_workers_above=-1), "--tile-workers-above -1: give a number >= 0"),
+    (dict(tile_workers_above=20_000), "--tile-workers-above is for --tile-workers N"),
+    (dict(tile_workers=2, tile_worker_cpus=-0.5), "--tile-worker-cpus -0.5: give a number >= 0"),
+])
+def test_a_bad_tile_worker_setting_is_one_clear_error_before_anything_loads(options, words):
+    from supir_rt.errors import SetupError
+    from supir_rt.runtime import RuntimeOptions
+    from supir_rt.serve import RestoreWorker
+
+    with pytest.raises(SetupError) as err:
+        RestoreWorker(RuntimeOptions(tiny_random=True, **options))
+    assert str(err.value).startswith(words)
+
+
+def test_serve_replicas_leave_the_cpus_of_their_tile_workers_free(local_ray):
+    """On the 2-CPU local Ray: 1 replica with 2 workers of 0.5 CPU leaves 2 - 1 - 0.1 (the HTTP front)
+    = 0.9 CPU for the replica; 2 workers of 1 CPU leave none, which is one error naming the flags."""
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("fastapi")
+    from supir_rt.runtime import RuntimeOptions
+    from supir_rt.serve.app_config import AppConfig
+    from supir_rt.serve.ray_app import _cpus
+
+    def config(cpus):
+        return AppConfig(runtime=RuntimeOptions(tiny_random=True, tile_workers=2, tile_worker_cpus=cpus))
+
+    assert _cpus(AppConfig(runtime=RuntimeOptions(tiny_random=True)), 0.0) == 1.0  # no workers: as before
+    assert _cpus(config(0.5), 0.0) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="--tile-worker-cpus 1 leave no CPU of Ray's 2 for the replicas"):
+        _cpus(config(1.0), 0.0)

@@ -59,6 +59,10 @@ class AppConfig:
         return out
 
     def check(self) -> None:
+        self.runtime.scale()  # the tile-worker settings (SetupError naming the flag)
+        if self.runtime.ray_address:
+            raise ValueError(f"--ray-address {self.runtime.ray_address}: a replica's tile workers run on the Ray "
+                             "cluster the replicas run on (--address); drop --ray-address")
         if self.replicas < 1:
             raise ValueError(f"replicas={self.replicas}: use at least 1")
         if (self.min_replicas is None) != (self.max_replicas is None):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supir_rt.runtime import BACKENDS, add_torch_options
+from supir_rt.runtime import BACKENDS, add_tile_worker_options, add_torch_options, tile_worker_fields
 from supir_rt.serve.protocol import DEFAULT_PROCESSING_PIXELS, Limits
 
 DEFAULT_PORT = 8000
@@ -44,6 +44,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--caption-model", type=Path, default=None,
                    help="transformers image-text-to-text model folder for --captioner hf (e.g. SmolVLM)")
     add_torch_options(p)
+    add_tile_worker_options(p.add_argument_group("tile workers: large images' tiles on Ray actors (docs/scale.md)"))
 
 
 def _add_limit_flags(p: argparse.ArgumentParser) -> None:
@@ -93,9 +94,9 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
     return {"tiny_random": args.tiny_random, "sdxl": path(sdxl), "supir": path(supir),
             "engines_dir": path(args.engines_dir), "backend": args.backend, "device": args.device,
             "dtype": args.dtype, "captioner": args.captioner, "llava_dir": path(args.llava_dir),
-            "caption_model": path(args.caption_model),
-            "vae_dtype": args.vae_dtype, "offload": args.offload, "compile": args.compile,
-            "compile_mode": args.compile_mode, "cuda_graphs": args.cuda_graphs, "fp8_weights": args.fp8_weights}
+            "caption_model": path(args.caption_model), "vae_dtype": args.vae_dtype, "offload": args.offload,
+            "compile": args.compile, "compile_mode": args.compile_mode, "cuda_graphs": args.cuda_graphs,
+            "fp8_weights": args.fp8_weights, **tile_worker_fields(args)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -344,11 +344,20 @@ def _gpus(config: AppConfig) -> float:
 
 
 def _cpus(config: AppConfig, gpus: float) -> float:
-    """`replica_cpus` for the Ray instance this process is connected to."""
+    """`replica_cpus` for the Ray instance this process is connected to, less the CPUs each replica's
+    tile workers reserve (``tile_workers`` × ``tile_worker_cpus``)."""
     import ray
 
     cluster = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
     replicas = config.min_replicas if config.min_replicas is not None else config.replicas
+    workers = max(1, replicas) * config.runtime.tile_workers * config.runtime.tile_worker_cpus
+    if cluster is not None and workers and gpus == 0:
+        if cluster - workers <= API_CPUS:
+            raise ValueError(f"{max(1, replicas)} replicas x --tile-workers {config.runtime.tile_workers} x "
+                             f"--tile-worker-cpus {config.runtime.tile_worker_cpus:g} leave no CPU of Ray's "
+                             f"{cluster:g} for the replicas: lower --tile-worker-cpus (e.g. 0.1), --tile-workers, "
+                             "--replicas, or raise --num-cpus")
+        cluster -= workers
     return replica_cpus(config.cpus_per_replica, replicas=replicas, cluster_cpus=cluster, gpus_per_replica=gpus)
 
 

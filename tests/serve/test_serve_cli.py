@@ -31,11 +31,23 @@ def test_print_config_is_a_valid_ray_serve_config(capsys):
     (["--max-batch-size", "8", "--max-ongoing-requests", "4"], "max_ongoing_requests"),
     (["--replicas", "0"], "replicas"),
     (["--address", "auto", "--metrics-export-port", "8080"], "--metrics-export-port"),
+    (["--tile-workers-above", "4000000"], "--tile-workers-above is for --tile-workers N"),
+    (["--tile-workers", "2", "--tile-workers-above", "-1"], "--tile-workers-above -1"),
+    (["--tile-workers", "2", "--ray-address", "auto"], "--ray-address auto: a replica's tile workers"),
 ])
 def test_bad_flags_are_one_error_line(argv, words, capsys):
     assert main(["serve", "--tiny-random", "--print-config", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err and err.count("\n") == 1
+
+
+def test_print_config_carries_the_tile_worker_settings(capsys):
+    from supir_rt.serve.app_config import AppConfig
+
+    assert main(["serve", "--tiny-random", "--print-config", "--tile-workers", "2", "--tile-workers-above", "4000000",
+                 "--tile-worker-cpus", "0.5"]) == 0
+    runtime = AppConfig.from_args(yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]).runtime
+    assert (runtime.tile_workers, runtime.tile_workers_above, runtime.tile_worker_cpus) == (2, 4_000_000, 0.5)
 
 
 def test_print_config_takes_the_workers_weight_paths_as_given(capsys, tmp_path, monkeypatch):
