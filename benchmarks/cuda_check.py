@@ -446,8 +446,8 @@ def table(out_dir: Path, dry_run: bool) -> str:
         if "driver_used_gib" in r:  # the figure a 12 GB card must hold
             used = r["driver_used_gib"] * 2**30 / 1e9
             text += f", {used:.1f} GB in use per the driver"
-        lines.append(text + f"): target (12 GB) {'MET' if used <= 12 else 'NOT met'}"
-                     + (" (fake device: no measurement)." if fake else "."))
+        verdict = "not judged (fake device: nothing measured)" if fake else "MET" if used <= 12 else "NOT met"
+        lines.append(text + f"): target (12 GB) {verdict}.")
     if missing:
         lines.append(f"Phases with no result file: {', '.join(missing)}.")
     return "\n".join(lines)
