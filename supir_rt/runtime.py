@@ -362,11 +362,7 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
     workers, address = scale.pop("tile_workers", 0), scale.pop("ray_address", None)
     pool = {"min_pixels": scale.pop("tile_workers_above", 0), "num_cpus": scale.pop("tile_worker_cpus", 1.0)}
     artifacts = engines_dir is not None and backend != "torch" and not options.tiny_random
-    if artifacts and (scale or workers):
-        flags = [f"--{k.replace('_', '-')}" for k in scale] + (["--tile-workers"] if workers else [])
-        raise SetupError(f"{', '.join(flags)}: not available with --engines-dir yet; use the PyTorch backend with "
-                         "the checkpoint files")
-    if workers:
+    if workers and address is not None:
         from supir_rt.tile_workers import connect_ray
 
         connect_ray(address)  # before loading anything: an address that does not answer fails fast
@@ -375,7 +371,9 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
         return _with_workers(Restorer.tiny_random(**kwargs, **scale, **restorer_kwargs), "tiny_random", kwargs,
                              workers, address, **pool)
     if artifacts:
-        return Restorer.from_engines(engines_dir, backend=backend, dtype=dtype, **restorer_kwargs)
+        kwargs = dict(engines_dir=engines_dir, backend=backend, dtype=dtype)
+        return _with_workers(Restorer.from_engines(**kwargs, **restorer_kwargs), "from_engines", kwargs, workers,
+                             address, **pool)
     if not (options.sdxl and options.supir):
         raise SetupError("the weights are needed: pass --sdxl and --supir (or --weights-dir), or --engines-dir, "
                            "or --tiny-random")
@@ -388,15 +386,17 @@ def build_restorer(options: RuntimeOptions, **restorer_kwargs: Any) -> Any:
 def _with_workers(restorer: Any, constructor: str, kwargs: dict[str, Any], workers: int, address: str | None,
                   **pool: Any) -> Any:
     """``restorer`` with ``workers`` tile workers built like it (one device each: ``cuda`` as Ray
-    assigns it, or the CPU), or as it is when no workers are asked for. ``pool``: `attach_tile_workers`'s
-    ``min_pixels`` and ``num_cpus``."""
+    assigns it, or the CPU; exported engines open on the device their backend uses), or as it is when no
+    workers are asked for. ``pool``: `attach_tile_workers`'s ``min_pixels`` and ``num_cpus``."""
     if not workers:
         return restorer
     from supir_rt.tile_workers import WorkerRecipe, attach_tile_workers
 
-    device = "cuda" if str(kwargs["device"]).startswith("cuda") else "cpu"
-    recipe = WorkerRecipe(constructor, {**kwargs, "device": device, "progress": False, "max_pixels": None})
-    attach_tile_workers(restorer, recipe, workers, address, **pool)
+    gpu = restorer.engines["unet_adaptor"].device.type == "cuda"
+    recipe = {**kwargs, "progress": False, "max_pixels": None}
+    if "device" in kwargs:
+        recipe["device"] = "cuda" if gpu else "cpu"
+    attach_tile_workers(restorer, WorkerRecipe(constructor, recipe), workers, address, gpu=gpu, **pool)
     return restorer
 
 

@@ -327,17 +327,18 @@ class ShardedTiles:
 
 
 def attach_tile_workers(restorer: Any, recipe: WorkerRecipe, workers: int, ray_address: str | None = None, *,
-                        min_pixels: int = 0, num_cpus: float = 1) -> None:
+                        min_pixels: int = 0, num_cpus: float = 1, gpu: bool | None = None) -> None:
     """Run ``restorer``'s tiled sampler steps on ``workers`` Ray actors built from ``recipe`` (the
     constructor and options the restorer was made with). Joins the Ray cluster at ``ray_address``
     (None: a local Ray; a no-op in a process already connected, e.g. a Ray Serve replica), starts the
-    workers (``num_cpus`` each, and one GPU each when the recipe's device is CUDA) and checks them
+    workers (``num_cpus`` each, and one GPU each when ``gpu``; None: when the recipe's device is CUDA) and checks them
     against the restorer's ``unet_adaptor`` before any restore. Untiled restores, and tiled ones under
     ``min_pixels`` processing pixels, stay local. The restorer's `close` closes the pool. On failure
     the restorer is closed and the `TileWorkerError` raised."""
     try:
         connect_ray(ray_address)
-        gpu = str(recipe.kwargs.get("device", "cpu")).startswith("cuda")
+        if gpu is None:
+            gpu = str(recipe.kwargs.get("device", "cpu")).startswith("cuda")
         restorer.pipeline.tile_pool = TilePool(recipe, workers, expected=engine_identity(restorer.engines["unet_adaptor"]),
                                                num_gpus=1 if gpu else 0, num_cpus=num_cpus, min_pixels=min_pixels)
     except BaseException:

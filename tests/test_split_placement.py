@@ -81,5 +81,8 @@ def test_scale_options_that_cannot_work_together_are_refused():
         build_restorer(RuntimeOptions(tiny_random=True, cfg_parallel=True))
     with pytest.raises(SetupError, match="--devices: PyTorch backend options"):
         build_restorer(RuntimeOptions(engines_dir="/nonexistent", backend="onnxruntime", devices=("cpu", "meta")))
-    with pytest.raises(SetupError, match="--tile-workers: not available with --engines-dir yet"):
+    with pytest.raises(SetupError, match="--cfg-parallel: PyTorch backend options"):
+        build_restorer(RuntimeOptions(engines_dir="/nonexistent", backend="onnxruntime", cfg_parallel=True))
+    # tile workers run exported engines too: a missing folder is found before a local Ray is started
+    with pytest.raises(SetupError, match="engines folder /nonexistent does not exist"):
         build_restorer(RuntimeOptions(engines_dir="/nonexistent", backend="onnxruntime", tile_workers=2))

@@ -266,3 +266,38 @@ def test_serve_replicas_leave_the_cpus_of_their_tile_workers_free(local_ray):
     assert _cpus(config(0.5), 0.0) == pytest.approx(0.9)
     with pytest.raises(ValueError, match="--tile-worker-cpus 1 leave no CPU of Ray's 2 for the replicas"):
         _cpus(config(1.0), 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# exported engines (--engines-dir): the workers open the same ONNX files
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tile_workers_over_exported_onnx_engines_give_the_single_process_image(local_ray, one_thread, tmp_path):
+    """Tile workers for a restorer of exported engines (`Restorer.from_engines`, what ``--engines-dir``
+    opens): each worker opens the same ONNX Runtime engines (recipe ``from_engines``), is checked against
+    the driver's weights hash, and the sampler-tiled restore equals the single-process one bit for bit."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from PIL import Image
+
+    from supir_rt import Restorer
+    from supir_rt.backends.onnx_export import export_all
+    from supir_rt.config import ModelConfig
+    from supir_rt.model.supir import build_model
+    from supir_rt.runtime import _with_workers
+
+    torch.manual_seed(0)
+    config = ModelConfig.tiny()
+    export_all(build_model(config), tmp_path, precision="fp32", progress=False)
+    kwargs = dict(engines_dir=str(tmp_path), backend="onnxruntime", dtype="fp32", config=config)
+    settings = RestoreConfig(num_steps=2, seed=5, min_size=128, tiling="on", tile_size=64, tile_stride=32,
+                             vae_tiling="none")
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    with Restorer.from_engines(**kwargs) as single:
+        want = single.restore(picture, settings)
+    with _with_workers(Restorer.from_engines(**kwargs), "from_engines", kwargs, 2, None, num_cpus=0.5) as pooled:
+        got = pooled.restore(picture, settings)
+        assert pooled.description["tile_workers"] == 2
+    assert got.metadata["tiling"]["tile_workers"] == 2 and want.metadata["tiling"]["tile_workers"] == 0
+    assert np.array_equal(np.asarray(got.image), np.asarray(want.image))
