@@ -124,21 +124,27 @@ def split_plan(devices: Sequence[str | torch.device], dtype: torch.dtype, vae_dt
 def _cfg_parallel(engines: dict[str, Engine], model: torch.nn.Module, plan: Any, devices: Sequence[str] | None,
                   torch_options: Any, fp8_weights: bool, desc: dict[str, Any]) -> dict[str, Engine]:
     """``engines`` with the unet_adaptor replaced by CFG-parallel over it and a copy of its weights on the
-    second of ``devices`` (allocated there directly, then copied from the first device tensor by tensor)."""
+    second of ``devices`` (allocated there directly, then copied from the first device tensor by tensor).
+    With ``fp8_weights`` the twin is quantised like the first UNet (layer by layer, so the second device
+    briefly holds the fp16 twin) and then receives the first one's fp8 weights and scales."""
     from supir_rt.backends.parallel import CFGParallelEngine
     from supir_rt.backends.placement import NETWORK_PARTS, MemoryPlan, NetworkPlacement, build_placed_model
     from supir_rt.backends.torch_backend import open_torch_engines
 
     if not devices:
         raise SetupError("--cfg-parallel needs --devices A,B: the second device runs the conditional half")
-    if fp8_weights:
-        raise SetupError("--cfg-parallel with --fp8-weights is not supported yet; drop one of them")
     second = torch.device(devices[1])
+    if fp8_weights:
+        _check_fp8(second)
     meta = torch.device("meta")  # the twin holds only the UNet + adaptor; its other parts stay unallocated
     twin_plan = MemoryPlan(second, {n: NetworkPlacement(p.dtype, True) for n, p in plan.networks.items()},
                            {n: meta for n in NETWORK_PARTS if n != "unet_adaptor"})
     with _loading_memory(twin_plan, model.config):
         twin = build_placed_model(model.config, twin_plan, init=False, pin=False)
+        if fp8_weights:
+            from supir_rt.backends.fp8 import quantize_fp8_
+
+            quantize_fp8_(twin.model)  # the same modules as the first UNet's, so its state dict fits
         twin.model.load_state_dict(model.model.state_dict())
     other = open_torch_engines(model=twin, plan=twin_plan, options=torch_options, networks=["unet_adaptor"])
     desc["cfg_parallel"] = [str(plan.device_of("unet_adaptor")), str(second)]
