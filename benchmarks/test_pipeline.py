@@ -31,18 +31,21 @@ class TimedEngine:
 
     def __init__(self, inner: Any, log: list[tuple[str, Any]]) -> None:
         self.inner, self.log = inner, log
-        self.spec, self.device = inner.spec, inner.device
+        self.spec, self.device, self.dtype, self.backend = inner.spec, inner.device, inner.dtype, inner.backend
 
-    def infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def vae_modules(self) -> Any:
+        return self.inner.vae_modules()
+
+    def infer(self, feed: Mapping[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = self.inner.infer(feed)
+            out = self.inner.infer(feed, **kwargs)
             end.record()
             self.log.append((self.spec.name, (start, end)))
             return out
         t0 = time.perf_counter()
-        out = self.inner.infer(feed)
+        out = self.inner.infer(feed, **kwargs)
         self.log.append((self.spec.name, time.perf_counter() - t0))
         return out
 
