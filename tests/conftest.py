@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,6 +32,17 @@ def tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return build_model(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tiny_model, tmp_path_factory) -> Path:
+    """All five tiny networks as fp32 ONNX artifacts with manifests, exported once per session (read-only for
+    tests: tests/backends/test_tensorrt.py hard-links it)."""
+    pytest.importorskip("onnx", reason="the tiny ONNX export needs the [onnx] extra (onnx, onnxruntime)")
+    from supir_rt.backends.onnx_export import export_all
+
+    return export_all(tiny_model, tmp_path_factory.mktemp("onnx_tiny"), precision="fp32", progress=False,
+                      source={"kind": "random-init", "seed": 0})
 
 
 @pytest.fixture(autouse=True)

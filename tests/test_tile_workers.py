@@ -273,7 +273,8 @@ def test_serve_replicas_leave_the_cpus_of_their_tile_workers_free(local_ray):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_tile_workers_over_exported_onnx_engines_give_the_single_process_image(local_ray, one_thread, tmp_path):
+def test_tile_workers_over_exported_onnx_engines_give_the_single_process_image(local_ray, one_thread, tiny_config,
+                                                                               tiny_onnx_dir):
     """Tile workers for a restorer of exported engines (`Restorer.from_engines`, what ``--engines-dir``
     opens): each worker opens the same ONNX Runtime engines (recipe ``from_engines``), is checked against
     the driver's weights hash, and the sampler-tiled restore equals the single-process one bit for bit."""
@@ -282,15 +283,9 @@ def test_tile_workers_over_exported_onnx_engines_give_the_single_process_image(l
     from PIL import Image
 
     from supir_rt import Restorer
-    from supir_rt.backends.onnx_export import export_all
-    from supir_rt.config import ModelConfig
-    from supir_rt.model.supir import build_model
     from supir_rt.runtime import _with_workers
 
-    torch.manual_seed(0)
-    config = ModelConfig.tiny()
-    export_all(build_model(config), tmp_path, precision="fp32", progress=False)
-    kwargs = dict(engines_dir=str(tmp_path), backend="onnxruntime", dtype="fp32", config=config)
+    kwargs = dict(engines_dir=str(tiny_onnx_dir), backend="onnxruntime", dtype="fp32", config=tiny_config)
     settings = RestoreConfig(num_steps=2, seed=5, min_size=128, tiling="on", tile_size=64, tile_stride=32,
                              vae_tiling="none")
     picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8))

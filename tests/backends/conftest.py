@@ -1,23 +1,13 @@
-"""Fixtures for backend tests: the tiny model exported once per session to fp32 ONNX."""
+"""Fixtures for backend tests: engines over the tiny fp32 ONNX export (`tiny_onnx_dir`, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("onnx", reason="the backend tests need the [onnx] extra (onnx, onnxruntime)")
 pytest.importorskip("onnxruntime", reason="the backend tests need the [onnx] extra (onnx, onnxruntime)")
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx_dir(tiny_model, tmp_path_factory) -> Path:
-    """All five tiny networks as fp32 ONNX artifacts with manifests (read-only for tests)."""
-    from supir_rt.backends.onnx_export import export_all
-
-    return export_all(tiny_model, tmp_path_factory.mktemp("onnx_tiny"), precision="fp32", progress=False,
-                      source={"kind": "random-init", "seed": 0})
 
 
 @pytest.fixture(scope="session")

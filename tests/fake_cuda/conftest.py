@@ -35,3 +35,15 @@ def fake2():
     with FakeCuda(devices=2) as fc:
         yield fc
     assert not fc.violations, "\n".join(fc.violations)
+
+
+@pytest.fixture()
+def no_streams(monkeypatch):
+    """CFG-parallel's stream and event calls (`parallel._on_device`, `parallel._record`) need a driver: made
+    no-ops, so that the device of every tensor is what is traced."""
+    import contextlib
+
+    from supir_rt.backends import parallel
+
+    monkeypatch.setattr(parallel, "_on_device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(parallel, "_record", lambda device: None)

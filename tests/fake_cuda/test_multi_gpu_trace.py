@@ -103,10 +103,7 @@ def test_split_placement_runs_each_network_on_its_gpu(fake_mode):
     assert image.device == GPU0 and image.shape == (1, 3, 64, 64)
 
 
-def test_cfg_parallel_runs_one_half_on_each_gpu(fake_mode, monkeypatch):
-    # Streams and events need a real driver; the device of every tensor is what is traced here.
-    monkeypatch.setattr(parallel, "_on_device", lambda device: __import__("contextlib").nullcontext())
-    monkeypatch.setattr(parallel, "_record", lambda device: None)
+def test_cfg_parallel_runs_one_half_on_each_gpu(fake_mode, no_streams):
     config = ModelConfig.tiny()
     plans = [MemoryPlan.for_device(d, offload=False) for d in (GPU0, GPU1)]
     models = [_fake_placed(config, p) for p in plans]

@@ -116,19 +116,15 @@ def test_second_gpu(fake2):
     on_gpu(fake2, "cuda:1")
 
 
-def test_fp8_weights_with_cfg_parallel_on_two_gpus(fake2, monkeypatch):
+def test_fp8_weights_with_cfg_parallel_on_two_gpus(fake2, no_streams):
     """``--devices cuda:0,cuda:1 --cfg-parallel --fp8-weights``: the UNet twin on cuda:1 is quantised like the
     first one and receives its fp8 weights and scales, so each CFG half runs fp8 layers on its own GPU and
     the image equals the split-placement fp8 restore without CFG-parallel up to fp16 rounding: the halves of
     a batch-2 call computed apart round differently in fp16, and two steps carry that to at most 2 levels
     (measured on this fake device: max 2 levels on 23 % of the values with fp8, max 2 on 22 % without fp8,
     where the weights are trivially the same; the state-dict check above is the exact one)."""
-    from supir_rt.backends import parallel
     from supir_rt.backends.fp8 import Fp8Linear
 
-    # streams and events need a driver; the device of every tensor is what is traced
-    monkeypatch.setattr(parallel, "_on_device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(parallel, "_record", lambda device: None)
     devices = ["cuda:0", "cuda:1"]
     outputs = {}
     for cfg_parallel in (False, True):
