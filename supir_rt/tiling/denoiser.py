@@ -88,10 +88,12 @@ class TiledDenoiser:
     def scales(self, sigma_hat: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cfg(sigma_hat), self.control(sigma)
 
-    def denoise_batch(self, j: int, xt: torch.Tensor, sigma_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Guided D of batch ``j`` of windows: ``xt`` (n·B, C, th, tw) its tiles of x, σ̂ and σ per image (B,)."""
+    def denoise_batch(self, j: int, xt: torch.Tensor, sigma_hat: torch.Tensor, sigma: torch.Tensor,
+                      scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Guided D of batch ``j`` of windows: ``xt`` (n·B, C, th, tw) its tiles of x, σ̂ and σ per image (B,);
+        ``scales``: `scales(σ̂, σ)` when the caller has it already (once per step, not per batch)."""
         n = len(self.batches[j])
-        cfg_scale, control_scale = self.scales(sigma_hat, sigma)
+        cfg_scale, control_scale = scales if scales is not None else self.scales(sigma_hat, sigma)
         s_hat = sigma_hat.repeat(n)
         out = self.model(torch.cat([xt, xt]), torch.cat([s_hat, s_hat]), {**self.text[j], "control": self.lq_tiles[j]},
                          control_scale)
@@ -106,7 +108,9 @@ class TiledDenoiser:
         if self.runner is not None:  # every batch of the step handed over at once, results in window order
             results = self.runner.iter_tiles([gather(x, batch) for batch in self.batches], sigma_hat, sigma)
         else:
-            results = (self.denoise_batch(j, gather(x, batch), sigma_hat, sigma) for j, batch in enumerate(self.batches))
+            scales = self.scales(sigma_hat, sigma)
+            results = (self.denoise_batch(j, gather(x, batch), sigma_hat, sigma, scales)
+                       for j, batch in enumerate(self.batches))
         for batch, denoised in zip(self.batches, results):
             n = len(batch)
             for i, (a, b, c, e) in enumerate(batch):
